@@ -1,0 +1,3 @@
+from tun2socks.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The program: TUN device, stack, relays and SOCKS5 outbound wired on one asyncio loop.
+
+Everything the stack asks for happens here: packets read from the TUN are fed to the
+stack in batches; its events open upstream connections and move bytes; after each batch
+(and after upstream I/O, once per loop iteration) the stack's output is written to the
+TUN and its single timer is re-armed (`_transmit`, as in aioquic's asyncio layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+from tun2socks.device import DeviceError, TunDevice
+from tun2socks.net.events import (
+    DataReceived,
+    EofReceived,
+    FlowEnded,
+    FlowRequested,
+    FlowReset,
+    SendSpaceAvailable,
+)
+from tun2socks.net.stack import Stack, StackConfig
+from tun2socks.outbound import socks5
+from tun2socks.relay import Relay
+
+if TYPE_CHECKING:
+    from tun2socks.config import Settings
+
+log = logging.getLogger("tun2socks")
+
+
+class Engine:
+    """Owns the stack and the relays; drives both from the loop."""
+
+    def __init__(self, settings: Settings, device: TunDevice, loop: asyncio.AbstractEventLoop):
+        self.settings = settings
+        self.device = device
+        self.loop = loop
+        self.stack = Stack(
+            StackConfig(
+                mtu=device.mtu,
+                offload=device.offload,
+                recv_buffer=settings.limits.flow_buffer,
+                send_buffer=settings.limits.flow_buffer,
+                max_flows=settings.limits.max_flows,
+                max_half_open=settings.limits.max_half_open,
+                idle_timeout=settings.timeouts.idle,
+                time_wait=settings.timeouts.time_wait,
+            )
+        )
+        self.proxy = socks5.ProxyEndpoint.from_config(settings.proxy)
+        self.relays: dict[int, Relay] = {}
+        self._flush_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+
+    def start(self) -> None:
+        self.device.start(self.loop, self.on_packets)
+
+    # ---------------------------------------------------------------- the loop's entry points
+
+    def on_packets(self, batch: list[tuple[bytes, bool]]) -> None:
+        now = self.loop.time()
+        receive = self.stack.receive_packet
+        for packet, checksum_trusted in batch:
+            receive(packet, now, checksum_trusted)
+        self._transmit()
+
+    def schedule_flush(self) -> None:
+        """Flush once at the end of this loop iteration, so that writes coalesce."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._transmit)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline = None
+        self.stack.handle_timer(self.loop.time())
+        self._transmit()
+
+    def _transmit(self) -> None:
+        """Handle the stack's events, write its packets, re-arm its timer."""
+        self._flush_pending = False
+        stack = self.stack
+        while True:
+            self._handle_events()
+            packets = stack.packets_to_send(self.loop.time())
+            if packets:
+                self.device.write(packets)
+            # Output can only raise events through the API calls of event handlers.
+            if not stack.has_events:
+                break
+        deadline = stack.get_timer()
+        if deadline != self._timer_deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer) if deadline else None
+            self._timer_deadline = deadline
+
+    def _handle_events(self) -> None:
+        stack = self.stack
+        relays = self.relays
+        while (event := stack.next_event()) is not None:
+            if isinstance(event, DataReceived | EofReceived):
+                relay = relays.get(event.flow_id)
+                if relay is not None:
+                    relay.pump_to_upstream()
+            elif isinstance(event, SendSpaceAvailable):
+                relay = relays.get(event.flow_id)
+                if relay is not None:
+                    relay.send_space_available()
+            elif isinstance(event, FlowRequested):
+                self._open(event)
+            elif isinstance(event, FlowEnded):
+                relay = relays.get(event.flow_id)
+                if relay is not None:
+                    relay.flow_ended()
+            elif isinstance(event, FlowReset):
+                relay = relays.get(event.flow_id)
+                if relay is not None:
+                    relay.flow_reset(event.reason)
+
+    # ---------------------------------------------------------------- flows
+
+    def _open(self, flow: FlowRequested) -> None:
+        relay = Relay(self, flow)
+        self.relays[flow.flow_id] = relay
+        relay.connect_task = self.loop.create_task(self._connect(relay))
+
+    async def _connect(self, relay: Relay) -> None:
+        flow = relay.flow
+        try:
+            sock, _bound = await socks5.connect(
+                self.proxy,
+                flow.dst,
+                flow.dst_port,
+                timeout=self.settings.proxy.connect_timeout,
+            )
+        except socks5.Socks5Error as exc:
+            log.warning("%s: %s", relay.describe(), exc)
+            self.stack.reject(flow.flow_id)
+            self.relay_finished(relay)
+            self.schedule_flush()
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot connect upstream: %s", relay.describe(), exc)
+            self.stack.reject(flow.flow_id)
+            self.relay_finished(relay)
+            self.schedule_flush()
+            return
+        if flow.flow_id not in self.relays:  # the client gave up meanwhile
+            sock.close()
+            return
+        try:
+            await self.loop.create_connection(lambda: relay, sock=sock)
+        except OSError as exc:
+            sock.close()
+            log.warning("%s: upstream socket failed: %s", relay.describe(), exc)
+            self.stack.reject(flow.flow_id)
+            self.relay_finished(relay)
+            self.schedule_flush()
+            return
+        log.debug("%s: connected through %s", relay.describe(), self.proxy.address)
+        self.stack.accept(flow.flow_id, self.loop.time())
+        self.schedule_flush()
+
+    def relay_finished(self, relay: Relay) -> None:
+        self.relays.pop(relay.flow_id, None)
+
+    def close(self) -> None:
+        """Reset every flow, send the RSTs, release the upstreams."""
+        for relay in list(self.relays.values()):
+            relay.abort()
+        self.stack.close_all()
+        packets = self.stack.packets_to_send(self.loop.time())
+        if packets:
+            self.device.write(packets)
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def _serve(settings: Settings, device: TunDevice) -> int:
+    loop = asyncio.get_running_loop()
+    engine = Engine(settings, device, loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        engine.start()
+        log.info(
+            "tun2socks running: device %s mtu %d%s, proxy %s",
+            device.name,
+            device.mtu,
+            " with offloads" if device.offload else "",
+            settings.proxy.redacted_url,
+        )
+        await stop.wait()
+        log.info("stopping: resetting %d flows", engine.stack.flow_count)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        engine.close()
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Run until SIGINT or SIGTERM; the exit status."""
+    tun = settings.tun
+    # Opened before the loop starts: pyroute2's synchronous API runs a loop of its own.
+    try:
+        device = TunDevice.open(
+            tun.name, mtu=tun.mtu, addresses=list(tun.addresses), offload=tun.offload
+        )
+    except DeviceError as exc:
+        log.error("%s", exc)
+        return 1
+    runner = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    try:
+        return runner(_serve(settings, device))
+    finally:
+        device.close()

@@ -1,0 +1,1 @@
+"""The sans-IO TCP/IP stack: no sockets, no clock, no asyncio in this package."""

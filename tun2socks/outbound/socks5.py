@@ -1,0 +1,365 @@
+"""Open a TCP stream through a SOCKS5 proxy (RFC 1928 CONNECT, RFC 1929 username/password).
+
+Theory of operation: ``connect`` resolves the proxy (an IP literal skips the resolver), connects
+a non-blocking socket with ``loop.sock_connect`` and runs the handshake with ``loop.sock_sendall``
+and ``loop.sock_recv``, all under one ``asyncio.timeout``. The messages come from the sans-IO
+``socks5_wire``. By default the client pipelines: it offers a single method (0x02 with
+credentials, 0x00 without), so it knows what the server must choose and sends greeting, auth and
+CONNECT in one write, then reads the replies in order; one round trip instead of three. Replies
+are read with exact sizes, so nothing past the CONNECT reply is consumed: bytes the destination
+sends early stay in the socket for the relay, and ``connect`` returns a plain
+``(socket, bound address)``.
+
+Failures raise one ``Socks5Error`` subclass per cause; the socket is closed first. Nothing is
+logged here (the caller logs once), and no message or repr contains the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import ClassVar, Protocol
+
+from tun2socks.outbound.socks5_wire import (
+    AUTH_REPLY_SIZE,
+    METHOD_SELECTION_SIZE,
+    SOCKS_VERSION,
+    AuthMethod,
+    Command,
+    ReplyCode,
+    Socks5WireError,
+    build_auth,
+    build_greeting,
+    build_request,
+    describe_reply,
+    parse_auth_reply,
+    parse_method_selection,
+    parse_reply,
+    reply_bytes_missing,
+)
+
+SocketHook = Callable[[socket.socket], None]
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+class Socks5Error(Exception):
+    """A SOCKS5 request failed. ``str()`` is one line naming proxy, request and cause.
+
+    ``reply_code`` is the server's REP byte for ``Socks5ReplyError`` and None otherwise;
+    ``kind`` is a stable short label (for metrics and log fields).
+    """
+
+    kind: ClassVar[str] = "error"
+
+    def __init__(
+        self,
+        reason: str,
+        proxy: str,
+        target: str,
+        command: str = "CONNECT",
+        reply_code: int | None = None,
+    ) -> None:
+        # Positional arguments only, so that pickling (args) rebuilds the same error.
+        super().__init__(reason, proxy, target, command, reply_code)
+        self.reason = reason
+        self.proxy = proxy
+        self.target = target
+        self.command = command
+        self.reply_code = reply_code
+
+    def __str__(self) -> str:
+        text = f"SOCKS5 proxy {self.proxy}: {self.command} {self.target} failed: {self.reason}"
+        if self.reply_code is not None:
+            text += f" (reply {self.reply_code})"
+        return text
+
+
+class Socks5ProxyUnreachable(Socks5Error):
+    """The proxy itself could not be resolved or connected to."""
+
+    kind = "unreachable"
+
+
+class Socks5AuthFailed(Socks5Error):
+    """The proxy rejected the credentials, or accepted none of the offered methods."""
+
+    kind = "auth_failed"
+
+
+class Socks5ProtocolError(Socks5Error):
+    """The proxy sent invalid bytes, or closed or reset the connection mid-handshake."""
+
+    kind = "protocol_error"
+
+
+class Socks5Timeout(Socks5Error):
+    """Connect plus handshake did not finish within the timeout."""
+
+    kind = "timeout"
+
+
+class Socks5ReplyError(Socks5Error):
+    """The proxy answered the request with a failure reply; ``reply_code`` says which."""
+
+    kind = "reply_error"
+
+
+# --- the proxy -----------------------------------------------------------------------------------
+
+
+class _SecretValue(Protocol):
+    def get_secret_value(self) -> str: ...
+
+
+class ProxySettings(Protocol):
+    """What ``ProxyEndpoint.from_config`` reads; ``tun2socks.config.ProxyConfig`` has it."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> _SecretValue | None: ...
+
+
+@dataclass(frozen=True)
+class ProxyEndpoint:
+    """Where the proxy is and how to log in; ``host`` may be a name or an IP literal."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 0xFFFF:
+            raise ValueError(f"SOCKS5 proxy port must be 1..65535, got {self.port}")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("SOCKS5 username and password must be given together")
+        if self.username is not None and self.password is not None:
+            build_auth(self.username, self.password)  # length checks now, not on every flow
+
+    @classmethod
+    def from_config(cls, proxy: ProxySettings) -> ProxyEndpoint:
+        password = proxy.password.get_secret_value() if proxy.password is not None else None
+        return cls(proxy.host, proxy.port, proxy.username, password)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[v6]:port``) for messages."""
+        return format_host_port(self.host, self.port)
+
+
+def format_host_port(host: str | IPv4Address | IPv6Address, port: int) -> str:
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+async def connect(
+    proxy: ProxyEndpoint,
+    dst_host: str | IPv4Address | IPv6Address,
+    dst_port: int,
+    *,
+    timeout: float,
+    pipeline: bool = True,
+    prepare_socket: SocketHook | None = None,
+) -> tuple[socket.socket, tuple[str, int]]:
+    """A socket connected through ``proxy`` to ``dst_host:dst_port``, and the proxy's bound address.
+
+    The socket is non-blocking with TCP_NODELAY, ready for
+    ``loop.create_connection(factory, sock=sock)``; nothing after the CONNECT reply has been read
+    from it. ``dst_host`` may be an IP (object or literal) or a domain name the proxy resolves.
+    ``timeout`` bounds resolving, connecting and the handshake together. ``pipeline=False``
+    waits for each reply before sending the next message, for servers that cannot take them
+    together. ``prepare_socket`` runs on the new socket before it connects (e.g. ``SO_MARK`` or
+    ``SO_BINDTODEVICE`` so that the proxy connection stays out of the TUN).
+
+    Raises a ``Socks5Error`` subclass on failure; ``ValueError`` for an unusable destination
+    (a port out of range, a name longer than 255 bytes).
+    """
+    request = build_request(Command.CONNECT, dst_host, dst_port)
+    attempt = _Attempt(proxy, "CONNECT", format_host_port(dst_host, dst_port))
+    try:
+        async with asyncio.timeout(timeout):
+            await attempt.connect_to_proxy(prepare_socket)
+            bound = await attempt.negotiate(request, pipeline=pipeline)
+    except TimeoutError:
+        attempt.close()
+        raise attempt.error(
+            Socks5Timeout, f"timed out after {timeout:g} s {attempt.phase}"
+        ) from None
+    except BaseException:
+        attempt.close()
+        raise
+    assert attempt.sock is not None
+    return attempt.sock, bound
+
+
+class _Attempt:
+    """One request in progress: its socket, what it is waiting for, how to word its errors."""
+
+    def __init__(self, proxy: ProxyEndpoint, command: str, target: str) -> None:
+        self.proxy = proxy
+        self.command = command
+        self.target = target
+        self.sock: socket.socket | None = None
+        self.phase = "resolving the proxy host"
+        self.loop = asyncio.get_running_loop()
+
+    def error(
+        self, cls: type[Socks5Error], reason: str, reply_code: int | None = None
+    ) -> Socks5Error:
+        return cls(reason, self.proxy.address, self.target, self.command, reply_code)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    async def connect_to_proxy(self, prepare_socket: SocketHook | None) -> None:
+        last_error: OSError | None = None
+        for family, sockaddr in await self._proxy_addresses():
+            self.phase = "connecting to the proxy"
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock = sock
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if prepare_socket is not None:
+                    prepare_socket(sock)
+                await self.loop.sock_connect(sock, sockaddr)
+                return
+            except OSError as exc:
+                sock.close()
+                self.sock = None
+                last_error = exc
+        reason = _os_reason(last_error) if last_error is not None else "no address"
+        raise self.error(Socks5ProxyUnreachable, f"cannot reach proxy: {reason}")
+
+    async def _proxy_addresses(self) -> list[tuple[int, tuple[str, int]]]:
+        host, port = self.proxy.host, self.proxy.port
+        try:
+            ip = ip_address(host)
+        except ValueError:
+            pass
+        else:  # a literal needs no resolver (which would cost a thread-pool round trip)
+            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))]
+        try:
+            infos = await self.loop.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        except OSError as exc:
+            reason = f"cannot resolve proxy host: {_os_reason(exc)}"
+            raise self.error(Socks5ProxyUnreachable, reason) from None
+        return [(family, (str(addr[0]), int(addr[1]))) for family, _, _, _, addr in infos]
+
+    async def negotiate(self, request: bytes, *, pipeline: bool) -> tuple[str, int]:
+        username, password = self.proxy.username, self.proxy.password
+        auth = (
+            build_auth(username, password)
+            if username is not None and password is not None
+            else None
+        )
+        method = AuthMethod.USERNAME_PASSWORD if auth else AuthMethod.NO_AUTHENTICATION
+        # One method offered: the only valid answer is known before it arrives, which is what
+        # makes sending everything at once safe (RFC 1928 section 3).
+        greeting = build_greeting([method])
+        try:
+            if pipeline:
+                await self._send(greeting + (auth or b"") + request)
+            else:
+                await self._send(greeting)
+            self.phase = "waiting for the method selection"
+            chosen = parse_method_selection(await self._recv_exactly(METHOD_SELECTION_SIZE))
+            if chosen == AuthMethod.NO_ACCEPTABLE_METHODS:
+                offered = "username/password" if auth else "no authentication"
+                reason = f"proxy accepts none of the offered methods ({offered})"
+                raise self.error(Socks5AuthFailed, reason)
+            if chosen != method:
+                reason = f"proxy chose authentication method {chosen:#04x}, which was not offered"
+                raise self.error(Socks5ProtocolError, reason)
+            if auth:
+                if not pipeline:
+                    await self._send(auth)
+                self.phase = "waiting for the authentication reply"
+                status = parse_auth_reply(await self._recv_exactly(AUTH_REPLY_SIZE))
+                if status != 0:
+                    reason = f"username/password rejected (status {status})"
+                    raise self.error(Socks5AuthFailed, reason)
+            if not pipeline:
+                await self._send(request)
+            self.phase = f"waiting for the {self.command} reply"
+            return await self._recv_reply()
+        except Socks5WireError as exc:
+            raise self.error(Socks5ProtocolError, f"{exc} while {self.phase}") from None
+
+    async def _send(self, data: bytes) -> None:
+        assert self.sock is not None
+        try:
+            await self.loop.sock_sendall(self.sock, data)
+        except OSError as exc:
+            reason = f"send failed while {self.phase}: {_os_reason(exc)}"
+            raise self.error(Socks5ProtocolError, reason) from None
+
+    async def _recv_some(self, buf: bytearray, size: int, *, request_reply: bool = False) -> None:
+        assert self.sock is not None
+        try:
+            chunk = await self.loop.sock_recv(self.sock, size)
+        except OSError as exc:
+            reason = f"{_os_reason(exc)} while {self.phase}"
+            raise self.error(Socks5ProtocolError, reason) from None
+        if not chunk:
+            # Some servers send only VER REP before closing on failure: report that REP.
+            if request_reply and len(buf) >= 2 and buf[0] == SOCKS_VERSION and buf[1] != 0:
+                raise self.error(Socks5ReplyError, describe_reply(buf[1]), buf[1])
+            reason = f"proxy closed the connection while {self.phase}"
+            raise self.error(Socks5ProtocolError, reason)
+        buf += chunk
+
+    async def _recv_exactly(self, size: int) -> bytearray:
+        buf = bytearray()
+        while len(buf) < size:
+            await self._recv_some(buf, size - len(buf))
+        return buf
+
+    async def _recv_reply(self) -> tuple[str, int]:
+        buf = bytearray()
+        while (missing := reply_bytes_missing(buf)) > 0:
+            await self._recv_some(buf, missing, request_reply=True)
+        reply = parse_reply(buf)
+        assert reply is not None  # reply_bytes_missing() returned 0
+        if reply.reply_code != ReplyCode.SUCCEEDED:
+            code = reply.reply_code
+            raise self.error(Socks5ReplyError, describe_reply(code), code)
+        return reply.bound_host, reply.bound_port
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code, not an errno
+        return exc.strerror or str(exc)
+    # asyncio's own messages ("Connect call failed ('1.2.3.4', 1)") repeat what we already say.
+    return os.strerror(exc.errno) if exc.errno else (str(exc) or type(exc).__name__)
+
+
+__all__ = [
+    "ProxyEndpoint",
+    "ProxySettings",
+    "Socks5AuthFailed",
+    "Socks5Error",
+    "Socks5ProtocolError",
+    "Socks5ProxyUnreachable",
+    "Socks5ReplyError",
+    "Socks5Timeout",
+    "connect",
+    "format_host_port",
+]
