@@ -1,0 +1,379 @@
+"""The TUN device: open/attach, configure, and move IP packets between the fd and the stack.
+
+The only module that touches /dev/net/tun. In offload mode every read and write carries a
+10-byte virtio_net_hdr. Reads may be TCP super-packets of up to 64 KiB whose checksum is only
+partial (NEEDS_CSUM: the stack must not verify them). Writes leave the checksum (NEEDS_CSUM with
+the pseudo-header sum in the checksum field) and the segmentation (GSO for TCP bigger than the
+MTU) to the kernel. Measurements: notes/tun-offload.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv6Interface
+from typing import Any
+
+import pytun
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+# linux/if_tun.h (x86_64 ioctl numbers: _IOW('T', n, int) = 0x400454nn, _IOR = 0x800454nn)
+TUNSETOFFLOAD = 0x400454D0  # argument is the int itself, not a pointer
+TUNGETIFF = 0x800454D2  # fills a struct ifreq; flags at offset 16
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01  # we accept packets with partial checksums
+TUN_F_TSO4 = 0x02  # ... and TCP super-packets (requires TUN_F_CSUM)
+TUN_F_TSO6 = 0x04
+# linux/virtio_net.h
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VNET_HDR_LEN = 10  # sizeof(struct virtio_net_hdr), the TUN default (TUNGETVNETHDRSZ)
+VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+# linux/if_addr.h: no duplicate address detection, so IPv6 addresses are usable at once.
+IFA_F_NODAD = 0x02
+RTN_LOCAL = 2  # linux/rtnetlink.h: route type of our own addresses
+IPV6_READY_TIMEOUT = 2.0  # seconds
+
+IFNAMSIZ = 16
+# A super-packet is at most 64 KiB; the slack lets us detect (and drop) anything bigger instead of
+# silently truncating it. Kept under glibc's 128 KiB mmap threshold so each read stays cheap.
+READ_SIZE = 65536 + VNET_HDR_LEN + 1014
+_CHECKSUM_TRUSTED = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
+_NEEDS_CSUM = VIRTIO_NET_HDR_F_NEEDS_CSUM
+_IPPROTO_TCP = 6
+_IPPROTO_UDP = 17
+_TCP_CHECK = 16  # offsetof(struct tcphdr, check)
+_UDP_CHECK = 6  # offsetof(struct udphdr, check)
+_HDR_COMPLETE = VNET_HDR.pack(0, 0, 0, 0, 0, 0)  # checksum already complete (ICMP, fragments)
+
+MAX_QUEUED_PACKETS = 4096
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+
+OnPackets = Callable[[list[tuple[bytes, bool]]], None]
+
+
+class DeviceError(Exception):
+    """The TUN device cannot be opened or configured; str() is one line for the user."""
+
+
+@dataclass
+class DeviceStats:
+    packets_in: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
+    write_queue_drops: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+
+
+def vnet_header_for(packet: bytes, mtu: int) -> bytes:
+    """The virtio_net_hdr to write before `packet` in offload mode.
+
+    TCP and UDP carry only the pseudo-header sum (NEEDS_CSUM): the kernel finishes the checksum when
+    it must. TCP bigger than the MTU is marked GSO so the kernel can cut it into MTU-sized segments.
+    """
+    n = len(packet)
+    if n < 20:
+        return _HDR_COMPLETE
+    version = packet[0] >> 4
+    if version == 4:
+        ip_len = (packet[0] & 0x0F) * 4
+        if ip_len < 20 or packet[6] & 0x3F or packet[7]:  # MF or offset: not a whole datagram
+            return _HDR_COMPLETE
+        proto = packet[9]
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+    elif version == 6:
+        # Only TCP/UDP right after the fixed header; with extension headers the stack's sum stays.
+        ip_len = 40
+        proto = packet[6]
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV6
+    else:
+        return _HDR_COMPLETE
+    if proto == _IPPROTO_TCP and n >= ip_len + 20:
+        l4_len = ip_len + (packet[ip_len + 12] >> 4) * 4
+        if n > mtu:  # i.e. payload > mtu - ip header - tcp header
+            return VNET_HDR.pack(_NEEDS_CSUM, gso_type, l4_len, mtu - l4_len, ip_len, _TCP_CHECK)
+        return VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, ip_len, _TCP_CHECK)
+    if proto == _IPPROTO_UDP and n >= ip_len + 8:
+        return VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, ip_len, _UDP_CHECK)
+    return _HDR_COMPLETE
+
+
+class TunDevice:
+    """An open TUN fd in non-blocking mode; `start` hands batches of packets to a callback."""
+
+    def __init__(self, tun: Any, *, mtu: int, offload: bool, created: bool) -> None:
+        self._tun = tun
+        self._fd: int = tun.fileno()
+        self.name: str = tun.name
+        self.mtu = mtu
+        self.offload = offload
+        self.created = created
+        self.stats = DeviceStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_packets: OnPackets | None = None
+        self._batch = 64
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        *,
+        mtu: int,
+        addresses: Sequence[IPv4Interface | IPv6Interface],
+        offload: bool,
+    ) -> TunDevice:
+        if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
+            raise DeviceError(f"invalid device name {name!r} (1 to {IFNAMSIZ - 1} characters)")
+        created = not _link_exists(name)
+        tun = _open_with_offload(name) if offload else None
+        effective_offload = tun is not None
+        if tun is None:
+            try:
+                tun = _tunsetiff(name, IFF_TUN | IFF_NO_PI)
+            except OSError as exc:
+                raise DeviceError(_open_error(name, exc)) from None
+        try:
+            _configure(name, mtu, addresses)
+        except BaseException:
+            tun.close()
+            raise
+        how = "created" if created else "attached"
+        log.info("TUN %s %s, mtu %d, offload %s", name, how, mtu, effective_offload)
+        return cls(tun, mtu=mtu, offload=effective_offload, created=created)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def start(
+        self, loop: asyncio.AbstractEventLoop, on_packets: OnPackets, *, batch: int = 64
+    ) -> None:
+        if self._closed or self._loop is not None:
+            raise RuntimeError("TunDevice.start() called twice or after close()")
+        self._loop, self._on_packets, self._batch = loop, on_packets, batch
+        loop.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        fd, offload, read = self._fd, self.offload, os.read
+        packets: list[tuple[bytes, bool]] = []
+        nbytes = 0
+        for _ in range(self._batch):
+            try:
+                data = read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._read_failed(exc)
+                break
+            if len(data) >= READ_SIZE or (offload and len(data) <= VNET_HDR_LEN):
+                self.stats.read_errors += 1  # truncated or headless: never pass it on
+                continue
+            if offload:
+                packets.append((data[VNET_HDR_LEN:], bool(data[0] & _CHECKSUM_TRUSTED)))
+                nbytes += len(data) - VNET_HDR_LEN
+            else:
+                packets.append((data, False))
+                nbytes += len(data)
+        if packets:
+            self.stats.packets_in += len(packets)
+            self.stats.bytes_in += nbytes
+            assert self._on_packets is not None
+            self._on_packets(packets)
+
+    def _read_failed(self, exc: OSError) -> None:
+        self.stats.read_errors += 1
+        if exc.errno in (errno.EBADFD, errno.EBADF):
+            # The device was deleted under us: the fd stays readable forever, so stop polling it.
+            log.error("TUN %s: read failed (%s); no longer reading", self.name, exc.strerror)
+            if self._loop is not None:
+                self._loop.remove_reader(self._fd)
+        else:
+            log.debug("TUN %s: read failed: %s", self.name, exc)
+
+    def write(self, packets: Iterable[bytes]) -> None:
+        """Send IP packets to the kernel; what cannot be written now is queued (bounded)."""
+        if self._closed:
+            return
+        it = iter(packets)
+        if not self._queue:
+            for packet in it:
+                if not self._write_one(packet):
+                    self._enqueue(packet)
+                    break
+        for packet in it:
+            self._enqueue(packet)
+
+    def _write_one(self, packet: bytes) -> bool:
+        """False when the fd would block (the packet is not written)."""
+        try:
+            if self.offload:
+                os.writev(self._fd, (vnet_header_for(packet, self.mtu), packet))
+            else:
+                os.write(self._fd, packet)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            # EIO while the link is down, EINVAL for a packet the kernel rejects: drop that one.
+            self.stats.write_errors += 1
+            log.debug("TUN %s: write of %d bytes failed: %s", self.name, len(packet), exc)
+            return True
+        self.stats.packets_out += 1
+        self.stats.bytes_out += len(packet)
+        return True
+
+    def _enqueue(self, packet: bytes) -> None:
+        if len(self._queue) >= MAX_QUEUED_PACKETS or (
+            self._queued_bytes + len(packet) > MAX_QUEUED_BYTES
+        ):
+            self.stats.write_queue_drops += 1
+            return
+        if not self._queue:
+            if self._loop is None:
+                raise RuntimeError("TunDevice.write() would block before start()")
+            self._loop.add_writer(self._fd, self._on_writable)
+        self._queue.append(packet)
+        self._queued_bytes += len(packet)
+
+    def _on_writable(self) -> None:
+        queue = self._queue
+        while queue:
+            if not self._write_one(queue[0]):
+                return
+            self._queued_bytes -= len(queue.popleft())
+        assert self._loop is not None
+        self._loop.remove_writer(self._fd)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._tun.close()
+
+    def __repr__(self) -> str:
+        return f"TunDevice(name={self.name!r}, mtu={self.mtu}, offload={self.offload})"
+
+
+def _link_exists(name: str) -> bool:
+    # An ioctl on a socket of the current netns; /sys/class/net may belong to another netns.
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _tunsetiff(name: str, flags: int) -> Any:
+    """Create or attach to TUN `name` (pytun does TUNSETIFF), non-blocking and close-on-exec.
+
+    Raises OSError (pytun.Error is one, with errno set)."""
+    tun = pytun.TunTapDevice(name=name, flags=flags)
+    os.set_blocking(tun.fileno(), False)
+    os.set_inheritable(tun.fileno(), False)
+    return tun
+
+
+def _open_error(name: str, exc: OSError) -> str:
+    code = exc.errno
+    if code in (errno.EPERM, errno.EACCES):
+        return f"cannot open TUN device {name}: need root or CAP_NET_ADMIN"
+    if code in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+        return f"cannot open TUN device {name}: /dev/net/tun is missing (is the tun module loaded?)"
+    if code == errno.EBUSY:
+        return f"cannot open TUN device {name}: device in use by another process"
+    if code == errno.EINVAL:
+        return f"cannot attach to {name}: it exists but is not a single-queue TUN device"
+    return f"cannot open TUN device {name}: {exc.strerror or exc}"
+
+
+def _open_with_offload(name: str) -> Any:
+    """The device with IFF_VNET_HDR and checksum/TSO offloads, or None if the kernel refused."""
+    try:
+        tun = _tunsetiff(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise DeviceError(_open_error(name, exc)) from None
+        log.warning("TUN %s: IFF_VNET_HDR refused; offload disabled", name)
+        return None
+    try:
+        ifreq = fcntl.ioctl(tun.fileno(), TUNGETIFF, bytes(40))
+        (flags,) = struct.unpack_from("H", ifreq, IFNAMSIZ)
+        # TUNSETOFFLOAD without the vnet header would hand us partial checksums with no metadata.
+        if not flags & IFF_VNET_HDR:
+            raise OSError(errno.EOPNOTSUPP, "IFF_VNET_HDR not in effect")
+        fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+    except OSError as exc:
+        log.warning("TUN %s: offload refused (%s); using plain mode", name, exc.strerror or exc)
+        tun.close()
+        return None
+    return tun
+
+
+def _configure(name: str, mtu: int, addresses: Sequence[IPv4Interface | IPv6Interface]) -> None:
+    step = "look up"
+    try:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=name)[0]
+            step = f"set mtu {mtu} on"
+            ipr.link("set", index=index, mtu=mtu)
+            for iface in addresses:
+                step = f"add address {iface} to"
+                args: dict[str, object] = {
+                    "index": index,
+                    "address": str(iface.ip),
+                    "prefixlen": iface.network.prefixlen,
+                }
+                if iface.version == 6:
+                    args["flags"] = IFA_F_NODAD
+                try:
+                    ipr.addr("add", **args)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+            step = "bring up"
+            ipr.link("set", index=index, state="up")
+            step = "wait for the IPv6 addresses of"
+            _wait_ipv6_local_routes(ipr, name, [a for a in addresses if a.version == 6])
+    except NetlinkError as exc:
+        if exc.code in (errno.EPERM, errno.EACCES):
+            raise DeviceError(f"cannot {step} {name}: need root or CAP_NET_ADMIN") from None
+        raise DeviceError(f"cannot {step} {name}: {os.strerror(exc.code)}") from None
+    except (OSError, IndexError) as exc:
+        raise DeviceError(f"cannot {step} {name}: {exc}") from None
+
+
+def _wait_ipv6_local_routes(ipr: Any, name: str, addresses: Sequence[IPv6Interface]) -> None:
+    # The kernel installs an IPv6 address's local route from a workqueue, even with NODAD:
+    # packets to the address are dropped until then, so return only once it is there.
+    deadline = time.monotonic() + IPV6_READY_TIMEOUT
+    for iface in addresses:
+        while ipr.route("get", dst=str(iface.ip))[0]["type"] != RTN_LOCAL:
+            if time.monotonic() > deadline:
+                log.warning("TUN %s: address %s not usable yet", name, iface)
+                return
+            time.sleep(0.002)
