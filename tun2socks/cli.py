@@ -1,0 +1,93 @@
+"""Command line: ``tun2socks run`` and ``tun2socks version``.
+
+Settings come from defaults < ``-c FILE`` < ``--set KEY=VALUE`` < explicit flags (``--device``,
+``--proxy``, ``--log-level``). A configuration error prints ``tun2socks: error: ...`` and
+exits 2; Ctrl-C exits 130 without a traceback.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tun2socks import __version__, logs
+from tun2socks.config import ConfigError, Settings, load_settings
+
+EXIT_CONFIG_ERROR = 2  # the same code argparse uses for usage errors
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tun2socks",
+        description="Send every TCP flow entering a TUN device through a SOCKS5 proxy.",
+    )
+    parser.add_argument("--version", action="version", version=f"tun2socks {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="open the TUN device and relay its flows through the proxy",
+        description="Open (or attach to) the TUN device and relay its flows through the proxy "
+        "until SIGINT or SIGTERM. Routes into the device are not added.",
+        epilog="Precedence: defaults < -c FILE < --set < --device/--proxy/--log-level.",
+    )
+    run.add_argument("-c", "--config", metavar="FILE", help="YAML settings file")
+    run.add_argument("--device", metavar="NAME", help="TUN device name (tun.name)")
+    run.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="socks5://[user[:pass]@]host:port (proxy.url); ${VAR} is read from the environment",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="set one key, e.g. --set tun.mtu=9000 (repeatable)",
+    )
+    run.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="log.level",
+    )
+    commands.add_parser("version", help="print the version", description="Print the version.")
+    return parser
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """The settings for ``run`` from its parsed arguments. Raises ConfigError."""
+    sets_proxy = any(item.partition("=")[0].strip() == "proxy.url" for item in args.overrides)
+    if args.config is None and args.proxy is None and not sets_proxy:
+        raise ConfigError("a proxy URL is needed: pass --proxy socks5://HOST:PORT or -c FILE")
+    flags = {"tun.name": args.device, "proxy.url": args.proxy, "log.level": args.log_level}
+    return load_settings(args.config, args.overrides, flags)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    if settings.proxy.password is not None:
+        logs.register_secret(settings.proxy.password.get_secret_value())
+    logs.setup(settings.log)
+    # Imported late: the app pulls in the whole data path, which `version` does not need.
+    from tun2socks.app import run as run_app
+
+    return run_app(settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:  # --help, --version and usage errors
+            return exit_.code if isinstance(exit_.code, int) else EXIT_CONFIG_ERROR
+        if args.command == "version":
+            print(f"tun2socks {__version__}")
+            return 0
+        return _run(args)
+    except ConfigError as err:
+        print(f"tun2socks: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

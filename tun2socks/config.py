@@ -1,0 +1,662 @@
+"""Settings: a YAML file turned into typed, validated settings whose errors name key and line.
+
+Theory of operation
+-------------------
+``load_settings`` builds one plain dict from three layers, each winning over the one before:
+the YAML file, then ``--set KEY=VALUE`` overrides, then explicit command-line flags. While it
+builds the dict it records where each dotted key came from (``FILE:LINE``, ``--set KEY`` or
+``command line``). pydantic then validates the dict against frozen models; every pydantic error
+is rewritten as one friendly line located through that record, and the first one (by line) is
+raised as a ``ConfigError``.
+
+The proxy URL is kept as written (it may hold ``${VAR}``). Validation expands the variables
+from the environment and parses the result into scheme, host, port and credentials, exposed as
+properties of ``ProxyConfig``. The password is a ``SecretStr``; no error message, repr or str of
+the settings shows it: error messages about the URL never quote any part of it.
+"""
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv6Address, IPv6Interface, ip_address, ip_interface
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, Self
+from urllib.parse import quote, unquote
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+try:
+    from yaml import CSafeLoader as _YamlLoader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader as _YamlLoader  # type: ignore[assignment]
+
+__all__ = [
+    "ConfigError",
+    "LimitsConfig",
+    "LogConfig",
+    "ProxyConfig",
+    "Settings",
+    "TimeoutsConfig",
+    "TunConfig",
+    "load_settings",
+]
+
+IFNAMSIZ = 16  # linux/if.h: interface names hold at most 15 bytes plus the NUL
+MAX_AUTH_FIELD = 255  # RFC 1929: UNAME and PASSWD are 1..255 bytes
+URL_SHAPE = "socks5://[user[:password]@]host:port"
+
+
+class ConfigError(Exception):
+    """A configuration problem in one line: ``FILE:LINE: key.path: what is wrong``."""
+
+    def __init__(self, message: str, *, key: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.line = line
+
+
+# --- the models --------------------------------------------------------------------------------
+
+_MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True)
+
+
+def _to_interface(value: object) -> IPv4Interface | IPv6Interface:
+    if isinstance(value, IPv4Interface | IPv6Interface):
+        return value
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(
+            f"must be an address with a prefix length, like 198.18.0.1/15{_got(value)}"
+        )
+    try:
+        return ip_interface(value)
+    except ValueError:
+        raise ValueError(f"not an address with a prefix length{_got(value)}") from None
+
+
+_DEFAULT_ADDRESS: IPv4Interface | IPv6Interface = IPv4Interface("198.18.0.1/15")
+
+Interface = Annotated[IPv4Interface | IPv6Interface, PlainValidator(_to_interface)]
+
+
+class TunConfig(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    name: str = Field(default="tun0", strict=True)
+    addresses: list[Interface] = Field(default_factory=lambda: [_DEFAULT_ADDRESS])
+    mtu: int = Field(default=1500, ge=68, le=65535, strict=True)
+    offload: bool = Field(default=True, strict=True)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        # The kernel's dev_valid_name() rules.
+        if not name or len(name.encode()) >= IFNAMSIZ:
+            raise ValueError(f"must be 1 to {IFNAMSIZ - 1} bytes long{_got(name)}")
+        if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
+            raise ValueError(f"must not contain '/', ':' or spaces{_got(name)}")
+        return name
+
+
+@dataclass(frozen=True)
+class _ProxyEndpoint:
+    scheme: str
+    host: str
+    port: int
+    username: str | None
+    password: SecretStr | None = field(repr=False)
+
+
+class ProxyConfig(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    url: str = Field(strict=True)  # as written, may hold ${VAR}; never log it
+    connect_timeout: float = Field(default=10.0, gt=0, strict=True, allow_inf_nan=False)
+
+    _endpoint: _ProxyEndpoint = PrivateAttr()
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        # Parsed here so that errors carry the location of proxy.url, and again below to keep
+        # the result: a field validator cannot store it on the instance.
+        _parse_proxy_url(url, os.environ)
+        return url
+
+    @model_validator(mode="after")
+    def _keep_endpoint(self) -> Self:
+        self._endpoint = _parse_proxy_url(self.url, os.environ)
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return self._endpoint.scheme
+
+    @property
+    def host(self) -> str:
+        """Host name or IP address, without brackets."""
+        return self._endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self._endpoint.port
+
+    @property
+    def username(self) -> str | None:
+        return self._endpoint.username
+
+    @property
+    def password(self) -> SecretStr | None:
+        return self._endpoint.password
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL after ``${VAR}`` expansion with the password shown as ``***``."""
+        auth = ""
+        if self.username is not None:
+            secret = ":***" if self.password is not None else ""
+            auth = f"{quote(self.username, safe='')}{secret}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{auth}{host}:{self.port}"
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # repr() and str() show the redacted URL: the written one may hold the password.
+        for name, value in super().__repr_args__():
+            yield name, (self.redacted_url if name == "url" else value)
+
+
+class LogConfig(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    level: Literal["debug", "info", "warning", "error"] = "warning"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class LimitsConfig(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    max_flows: int = Field(default=10000, ge=1, strict=True)
+    max_half_open: int = Field(default=1000, ge=1, strict=True)
+    flow_buffer: int = Field(default=262144, ge=4096, le=16 * 1024 * 1024, strict=True)
+
+
+class TimeoutsConfig(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    idle: float = Field(default=600.0, gt=0, strict=True, allow_inf_nan=False)
+    time_wait: float = Field(default=2.0, gt=0, strict=True, allow_inf_nan=False)
+
+
+class Settings(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    tun: TunConfig = Field(default_factory=TunConfig)
+    proxy: ProxyConfig
+    log: LogConfig = Field(default_factory=LogConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+
+
+# --- the proxy URL ---------------------------------------------------------------------------
+# Messages raised here never quote the URL: any part of it might be the password.
+
+_VAR_REF = re.compile(r"\$\{([^}]*)\}")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _expand(text: str, environ: Mapping[str, str], *, verbatim: bool) -> str:
+    """Replace each ``${NAME}``; with ``verbatim`` the value is percent-encoded so that the
+    percent-decoding which follows gives it back unchanged."""
+    if "${" in _VAR_REF.sub("", text):
+        raise ValueError("has a '${' without its closing '}'")
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if not _VAR_NAME.fullmatch(name):
+            raise ValueError("has a ${...} that is not ${NAME} (letters, digits, '_')")
+        value = environ.get(name)
+        if value is None:
+            raise ValueError(f"environment variable {name} is not set")
+        return quote(value, safe="") if verbatim else value
+
+    return _VAR_REF.sub(substitute, text)
+
+
+def _credential(text: str, what: str) -> str:
+    try:
+        value = unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not percent-encoded UTF-8") from None
+    if not value and what == "user name":
+        raise ValueError("user name is empty")
+    if len(value.encode()) > MAX_AUTH_FIELD:
+        raise ValueError(f"{what} is longer than {MAX_AUTH_FIELD} bytes (RFC 1929)")
+    return value
+
+
+def _valid_host_name(host: str) -> bool:
+    name = host.removesuffix(".")
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def _parse_host_port(host_port: str) -> tuple[str, int]:
+    if host_port.startswith("["):
+        host, bracket, rest = host_port[1:].partition("]")
+        if not bracket:
+            raise ValueError("has a '[' without its closing ']'")
+        try:
+            IPv6Address(host)
+        except ValueError:
+            raise ValueError("has something in [...] that is not an IPv6 address") from None
+        if not rest.startswith(":"):
+            raise ValueError(f"has no port: {URL_SHAPE}")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = host_port.rpartition(":")
+        if not colon:
+            raise ValueError(f"has no port: {URL_SHAPE}")
+        if ":" in host:
+            raise ValueError("has an IPv6 address outside brackets: write [::1]:1080")
+        if not host:
+            raise ValueError(f"has no host: {URL_SHAPE}")
+        try:
+            ip_address(host)
+        except ValueError:
+            if not _valid_host_name(host):
+                raise ValueError(
+                    "has a host that is neither an IP address nor a DNS name"
+                ) from None
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError("port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _parse_proxy_url(url: str, environ: Mapping[str, str]) -> _ProxyEndpoint:
+    """Expand ``${VAR}`` and parse ``socks5://[user[:password]@]host:port``.
+
+    A variable inside the user name or password is taken verbatim (no percent-decoding), so a
+    password holding '@' or ':' can come from the environment as it is. A URL written with no
+    '://' (a whole ``${PROXY_URL}``) is expanded first and must then be a percent-encoded URL.
+    """
+
+    def expand(text: str, *, verbatim: bool = False) -> str:
+        return _expand(text, environ, verbatim=verbatim)
+
+    def as_is(text: str, *, verbatim: bool = False) -> str:
+        return text
+
+    if "://" in url:
+        return _split_url(url, expand)
+    expanded = expand(url)
+    if "://" not in expanded:
+        raise ValueError(f"must look like {URL_SHAPE}")
+    return _split_url(expanded, as_is)
+
+
+class _Expander(Protocol):
+    def __call__(self, text: str, *, verbatim: bool = False) -> str: ...
+
+
+def _split_url(url: str, expand: _Expander) -> _ProxyEndpoint:
+    # Split on the text as written: a variable's value cannot move the delimiters.
+    scheme_raw, _, rest = url.partition("://")
+    if expand(scheme_raw).lower() not in ("socks5", "socks5h"):
+        raise ValueError("scheme must be socks5:// or socks5h://")
+    # rpartition: a password with an unencoded '@' still splits at the host.
+    user_info, at, host_port_raw = rest.removesuffix("/").rpartition("@")
+    username = password = None
+    if at:
+        user_raw, colon, password_raw = user_info.partition(":")
+        username = _credential(expand(user_raw, verbatim=True), "user name")
+        if colon:
+            password = SecretStr(_credential(expand(password_raw, verbatim=True), "password"))
+    host_port = expand(host_port_raw)
+    if any(c in host_port for c in "/?#%@"):
+        raise ValueError(f"must not have a path, query or fragment: {URL_SHAPE}")
+    host, port = _parse_host_port(host_port)
+    return _ProxyEndpoint("socks5", host, port, username, password)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+KeyPath = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a key's value came from, and how errors there sort (file lines first)."""
+
+    label: str  # "FILE:LINE", "--set KEY" or "command line"
+    rank: int
+    order: int
+    line: int | None = None
+
+
+@dataclass
+class _Layers:
+    data: dict[str, Any] = field(default_factory=dict)
+    origins: dict[KeyPath, _Origin] = field(default_factory=dict)
+
+    def put(self, path: KeyPath, value: object, origin: _Origin) -> None:
+        node = self.data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+        # Locations of what the new value replaced would point at the wrong place.
+        self.origins = {p: o for p, o in self.origins.items() if p[: len(path)] != path}
+        self.origins[path] = origin
+
+    def locate(self, path: KeyPath) -> _Origin | None:
+        for end in range(len(path), -1, -1):
+            origin = self.origins.get(path[:end])
+            if origin is not None:
+                return origin
+        return None
+
+
+def load_settings(
+    path: str | None,
+    overrides: Sequence[str] = (),
+    cli: Mapping[str, object] | None = None,
+) -> Settings:
+    """Load settings: defaults < the YAML file at ``path`` < ``overrides`` < ``cli``.
+
+    ``overrides`` are ``KEY=VALUE`` strings with a dotted key; the value is parsed as YAML
+    (``tun.addresses=[10.0.0.1/24]``), except that a text setting keeps the text as typed when
+    YAML would make it something else. ``cli`` maps dotted keys to values of explicit flags;
+    ``None`` values are skipped. Raises ConfigError, whose str() is one line.
+    """
+    layers = _read_file(path) if path is not None else _Layers()
+    for index, item in enumerate(overrides):
+        _apply_override(layers, item, index)
+    for index, (key, value) in enumerate((cli or {}).items()):
+        if value is not None:
+            layers.put(_known_key(key, "command line"), value, _Origin("command line", 2, index))
+    try:
+        return Settings.model_validate(layers.data)
+    except ValidationError as exc:
+        raise _config_error(exc, layers) from None
+
+
+def _read_file(path: str) -> _Layers:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read it: permission denied") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        layers = _Layers()
+        if node is not None:
+            # Walk before constructing: construction flattens merge keys ('<<') in place.
+            _record_lines(node, (), path, layers.origins)
+            layers.data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        if mark is None:
+            raise ConfigError(f"{path}: invalid YAML: {problem}") from None
+        line = mark.line + 1
+        raise ConfigError(
+            f"{path}:{line}:{mark.column + 1}: invalid YAML: {problem}", line=line
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
+
+    if layers.data is None:  # an empty file
+        layers.data = {}
+    if not isinstance(layers.data, dict):
+        line = node.start_mark.line + 1 if node is not None else 1
+        raise ConfigError(
+            f"{path}:{line}: the top level must be a mapping of sections "
+            f"({', '.join(Settings.model_fields)}), not {_kind(layers.data)}",
+            line=line,
+        )
+    return layers
+
+
+def _record_lines(
+    node: yaml.Node,
+    path: KeyPath,
+    file: str,
+    origins: dict[KeyPath, _Origin],
+    seen: set[int] | None = None,
+) -> None:
+    """Map each key path under ``node`` to the line of its key; reject duplicate keys."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias met again (possibly a cycle)
+        return
+    seen.add(id(node))
+    if not path:
+        line = node.start_mark.line + 1
+        origins[()] = _Origin(f"{file}:{line}", 0, line, line)
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if key == "<<":
+                continue
+            if key in first_line:
+                dotted = ".".join((*path, key))
+                raise ConfigError(
+                    f"{file}:{line}: {dotted}: duplicate key (first at line {first_line[key]})",
+                    key=dotted,
+                    line=line,
+                )
+            first_line[key] = line
+            origins[(*path, key)] = _Origin(f"{file}:{line}", 0, line, line)
+            _record_lines(value_node, (*path, key), file, origins, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            line = item.start_mark.line + 1
+            origins[(*path, str(index))] = _Origin(f"{file}:{line}", 0, line, line)
+            _record_lines(item, (*path, str(index)), file, origins, seen)
+
+
+def _apply_override(layers: _Layers, item: str, index: int) -> None:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"--set {_shown(item)}: expected KEY=VALUE, like tun.mtu=9000")
+    path = _known_key(key, f"--set {_shown(item)}")
+    is_text = _field_annotation(path) is str
+    try:
+        value = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as exc:
+        if not is_text:
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise ConfigError(
+                f"--set {key}: the value is not valid YAML: {problem}", key=key
+            ) from None
+        value = text
+    if is_text and not isinstance(value, str):
+        value = text
+    layers.put(path, value, _Origin(f"--set {key}", 1, index))
+
+
+def _shown(item: str) -> str:
+    """A --set argument fit for an error message: values that may hold credentials are hidden."""
+    key, eq, _ = item.partition("=")
+    if "@" in item or key.strip().startswith("proxy"):
+        return f"{key}{eq}***" if eq else "***"
+    return item
+
+
+def _known_key(key: str, where: str) -> KeyPath:
+    path = tuple(key.split("."))
+    model: type[BaseModel] = Settings
+    for depth, part in enumerate(path):
+        fields = model.model_fields
+        if part not in fields:
+            prefix = ".".join(path[:depth])
+            hint = _suggest(part, fields, prefix)
+            raise ConfigError(f"{where}: unknown key {key}{hint}", key=key)
+        annotation = fields[part].annotation
+        if depth < len(path) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ConfigError(
+                    f"{where}: unknown key {key} ({'.'.join(path[: depth + 1])} has no sub-keys)",
+                    key=key,
+                )
+            model = annotation
+    return path
+
+
+def _suggest(word: str, choices: Iterable[str], prefix: str) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    """The model holding the key at ``path``, if there is one."""
+    model: type[BaseModel] = Settings
+    for part in path[:-1]:
+        info = model.model_fields.get(part)
+        annotation = info.annotation if info is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _field_annotation(path: KeyPath) -> object:
+    model = _model_at(path)
+    info = model.model_fields.get(path[-1]) if model is not None and path else None
+    return info.annotation if info is not None else None
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _config_error(exc: ValidationError, layers: _Layers) -> ConfigError:
+    found: list[tuple[tuple[int, int], str, str, int | None]] = []
+    for error in exc.errors(include_url=False):
+        path = tuple(str(part) for part in error["loc"])
+        origin = layers.locate(path)
+        key, message = _describe(error, path)
+        if origin is None:
+            text, sort_key = f"{key}: {message}", (3, 0)
+        elif origin.label == f"--set {key}":  # do not name the key twice
+            text, sort_key = f"{origin.label}: {message}", (origin.rank, origin.order)
+        else:
+            text, sort_key = f"{origin.label}: {key}: {message}", (origin.rank, origin.order)
+        found.append((sort_key, text, key, origin.line if origin else None))
+    found.sort(key=lambda item: item[0])
+    _, text, key, line = found[0]
+    if len(found) > 1:
+        text += f" (and {len(found) - 1} more)"
+    return ConfigError(text, key=key, line=line)
+
+
+def _describe(error: Mapping[str, Any], path: KeyPath) -> tuple[str, str]:
+    """The dotted key and a friendly message for one pydantic error."""
+    kind = error["type"]
+    key = ".".join(path)
+    got = _got(error.get("input")) if path[:1] != ("proxy",) else ""
+    ctx = error.get("ctx") or {}
+    if kind == "missing":
+        if path in (("proxy",), ("proxy", "url")):
+            return "proxy.url", "missing: a proxy URL is required, like socks5://127.0.0.1:1080"
+        return key, "missing: this key is required"
+    if kind == "extra_forbidden":
+        model = _model_at(path)
+        hint = _suggest(path[-1], model.model_fields, ".".join(path[:-1])) if model else ""
+        return key, f"unknown key{hint}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return key, f"{_range(path)}{got}"
+    if kind == "value_error":
+        return key, str(ctx.get("error", error["msg"]))
+    if kind == "literal_error":
+        return key, f"must be {ctx.get('expected', 'one of the allowed values')}{got}"
+    simple = {
+        "int_type": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "float_type": "must be a number",
+        "finite_number": "must be a finite number",
+        "bool_type": "must be true or false",
+        "string_type": "must be text",
+        "list_type": "must be a list",
+        "model_type": "must be a mapping of keys",
+        "dict_type": "must be a mapping of keys",
+    }
+    return key, f"{simple.get(kind, error['msg'])}{got}"
+
+
+def _range(path: KeyPath) -> str:
+    """The full allowed range of a numeric key, from its Field constraints."""
+    model = _model_at(path)
+    info = model.model_fields.get(path[-1]) if model is not None else None
+    bounds: dict[str, object] = {}
+    for item in info.metadata if info is not None else ():
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(item, name, None) is not None:
+                bounds[name] = getattr(item, name)
+    if "ge" in bounds and "le" in bounds:
+        return f"must be between {bounds['ge']} and {bounds['le']}"
+    words = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+    parts = [f"{words[name]} {bound}" for name, bound in bounds.items()]
+    return "must be " + " and ".join(parts) if parts else "is out of range"
+
+
+def _got(value: object) -> str:
+    """`` (got X)`` for a scalar worth echoing; empty for anything else."""
+    if value is None:
+        return " (got an empty value)"
+    if isinstance(value, bool):
+        return f" (got {str(value).lower()})"
+    if isinstance(value, int | float):
+        return f" (got {value})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f" (got {shown!r})"
+    return f" (got {_kind(value)})"
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "nothing" if value is None else type(value).__name__
