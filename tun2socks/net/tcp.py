@@ -154,6 +154,7 @@ class TcpSegment:
             self.options.build(),
             self.payload,
             offload=offload,
+            urgent=self.urgent,
         )
 
 
@@ -172,6 +173,7 @@ def build_tcp_packet(
     payload: bytes | memoryview,
     *,
     offload: bool,
+    urgent: int = 0,
 ) -> bytes:
     """The hot path: one IP packet with one TCP segment.
 
