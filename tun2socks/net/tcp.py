@@ -182,7 +182,9 @@ def build_tcp_packet(
     header_len = TCP_HEADER_LEN + len(options)
     tcp_len = header_len + len(payload)
     pseudo = address_sum + tcp_len
-    header = _HEADER.pack(src_port, dst_port, seq, ack, (header_len // 4) << 4, flags, window, 0, 0)
+    header = _HEADER.pack(
+        src_port, dst_port, seq, ack, (header_len // 4) << 4, flags, window, 0, urgent
+    )
     if options:
         header += options
     if offload:
