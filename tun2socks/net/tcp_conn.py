@@ -113,6 +113,62 @@ class TcpConfig:
 class TcpConnection:
     """The server side of one TCP connection.  See the module docstring."""
 
+    # Thousands of these live at once: slots keep each one small.
+    __slots__ = (
+        "_ack_pending",
+        "_addr_sum",
+        "_buf_start",
+        "_dupacks",
+        "_events",
+        "_last_adv_right",
+        "_ooo",
+        "_ooo_bytes",
+        "_out",
+        "_persist_backoff",
+        "_persist_deadline",
+        "_rcv_buffered",
+        "_rcv_chunks",
+        "_recover",
+        "_remote_fin",
+        "_retries",
+        "_rtt_probe",
+        "_rttvar",
+        "_rtx_deadline",
+        "_send_blocked",
+        "_snd_buf",
+        "_srtt",
+        "_time_wait_deadline",
+        "_window_scaling",
+        "_wl1",
+        "_wl2",
+        "bytes_received",
+        "bytes_sent",
+        "config",
+        "created",
+        "fin_queued",
+        "fin_received",
+        "flow_id",
+        "irs",
+        "iss",
+        "last_activity",
+        "local_addr",
+        "local_port",
+        "peer_mss",
+        "rcv_nxt",
+        "rcv_wscale",
+        "remote_addr",
+        "remote_port",
+        "retransmissions",
+        "rto",
+        "snd_max",
+        "snd_nxt",
+        "snd_una",
+        "snd_wnd",
+        "snd_wscale",
+        "state",
+        "version",
+    )
+
     def __init__(
         self,
         flow_id: int,
@@ -144,6 +200,7 @@ class TcpConnection:
         self._rcv_chunks: deque[bytes | memoryview] = deque()
         self._rcv_buffered = 0
         self._ooo: dict[int, bytes] = {}
+        self._ooo_bytes = 0
         self._remote_fin: int | None = None  # offset of a FIN that arrived ahead of data
         self.fin_received = False
         self._ack_pending = False
@@ -224,6 +281,8 @@ class TcpConnection:
         data_end = self._buf_start + len(self._snd_buf)
         if self.snd_nxt < data_end and self.snd_nxt < self.snd_una + self.snd_wnd:
             return True
+        if self.snd_wnd == 0 and self._persist_deadline is None and self.snd_nxt < data_end:
+            return self.snd_nxt == self.snd_una  # flush arms the persist timer (3.8.6.1)
         return self.fin_queued and self.snd_nxt == data_end
 
     @property
@@ -304,7 +363,7 @@ class TcpConnection:
             self.reject()
             return
         if self.state not in (TcpState.CLOSED, TcpState.TIME_WAIT):
-            self._emit_rst(self.snd_nxt, ack=True)
+            self._emit_rst(self.snd_max, ack=True)  # SND.NXT is the highest sent
         self._close()
 
     def reset(self, reason: str) -> None:
@@ -348,6 +407,9 @@ class TcpConnection:
         if not ok:
             if flags & RST:
                 return
+            if state is TcpState.TIME_WAIT and flags & FIN:
+                # A retransmitted FIN: restart the 2MSL wait (RFC 9293 3.10.7.4).
+                self._time_wait_deadline = now + self.config.time_wait
             if flags & ACK and not flags & SYN and state is not TcpState.SYN_RECEIVED:
                 self._process_ack(seg, now, seg_off)
             self._ack_now()
@@ -484,8 +546,11 @@ class TcpConnection:
             return
         if start != self.rcv_nxt:
             known = self._ooo.get(start)
-            if known is None or len(known) < len(payload):
+            grown = len(payload) - (len(known) if known is not None else 0)
+            # Bounded by the window: overlapping segments are not each stored whole.
+            if grown > 0 and self._ooo_bytes + grown <= self.receive_window:
                 self._ooo[start] = bytes(payload)
+                self._ooo_bytes += grown
             self._ack_now()  # a hole: immediate duplicate ACK (RFC 5681 4.2)
             return
         was_empty = not self._rcv_chunks
@@ -495,6 +560,7 @@ class TcpConnection:
                 if off > self.rcv_nxt:
                     break
                 chunk = self._ooo.pop(off)
+                self._ooo_bytes -= len(chunk)
                 if off + len(chunk) > self.rcv_nxt:
                     self._append(chunk[self.rcv_nxt - off :])
             # Data right of the (moving) window edge is never stored, so nothing is lost here.
@@ -740,6 +806,7 @@ class TcpConnection:
         self._snd_buf = bytearray()
         self._rcv_chunks.clear()
         self._ooo.clear()
+        self._ooo_bytes = 0
 
     def _wire_snd(self, off: int) -> int:
         return (self.iss + 1 + off) & SEQ_MASK
