@@ -199,7 +199,7 @@ async def _serve(settings: Settings, device: TunDevice) -> int:
             settings.proxy.redacted_url,
         )
         await stop.wait()
-        log.info("stopping: resetting %d flows", engine.stack.flow_count)
+        log.info("stopping: resetting %d open flows", len(engine.relays))
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

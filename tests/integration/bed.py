@@ -1,0 +1,585 @@
+"""A two-namespace test bed for tun2socks, used by the integration tests and by `python -m bench`.
+
+    client ns (t2sc-PID)                            server ns (t2ss-PID)
+     t2s0 (TUN, created by tun2socks)                lo: 198.19.0.10/32, fd00:c8:1::10/128
+       198.18.254.1/24, fd00:c8:fe::1/64                 HTTP server :8080 (dual stack)
+       default v4/v6 via the TUN (onlink)                iperf3 -s :5201 (bench only)
+       198.18.0.2/32 via veth-cli (the proxy)         danted 198.18.0.2:1080 (no auth)
+     veth-cli 198.18.0.1/24, fd00:c8::1/64 <=veth=>  danted 198.18.0.2:1081 (user/pass)
+                                                     veth-srv 198.18.0.2/24, fd00:c8::2/64
+
+Neither namespace has a route off the machine and name lookups are pinned to an address inside the
+bed, so nothing leaks. The veth pair is created directly inside the namespaces: it never exists in
+the host namespace, so concurrent beds cannot clash on interface names.
+
+Everything the bed creates is undone by `down()`, which also runs at interpreter exit and on
+SIGTERM/SIGHUP; namespaces and users left by a killed earlier run (its PID is gone) are removed by
+the next `up()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+HTTP_SERVER_SCRIPT = HERE / "httpserver.py"
+NET_CLIENT_SCRIPT = HERE / "netclient.py"
+
+CLI_VETH = "veth-cli"
+SRV_VETH = "veth-srv"
+CLI_VETH_IP = "198.18.0.1"
+SRV_VETH_IP = "198.18.0.2"
+CLI_VETH_IP6 = "fd00:c8::1"
+SRV_VETH_IP6 = "fd00:c8::2"
+TARGET_IP = "198.19.0.10"
+TARGET_IP6 = "fd00:c8:1::10"
+TUN_NAME = "t2s0"
+TUN_IP = "198.18.254.1"
+TUN_GW = "198.18.254.2"
+TUN_IP6 = "fd00:c8:fe::1"
+TUN_GW6 = "fd00:c8:fe::2"
+TUN_NET = "198.18.254.0/24"
+TUN_NET6 = "fd00:c8:fe::/64"
+SOCKS_PORT = 1080
+SOCKS_AUTH_PORT = 1081
+HTTP_PORT = 8080
+IPERF_PORT = 5201
+
+PASSWORD_ENV = "T2S_TEST_PROXY_PASSWORD"
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+_NAME_RE = re.compile(r"^t2s[cs]-(\d+)(?:-\d+)?$")
+_USER_RE = re.compile(r"^t2su-(\d+)(?:-\d+)?$")
+
+_NS_SYSCTLS = (
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",  # inherited by the TUN created later
+    "net.core.somaxconn=8192",
+    "net.ipv4.tcp_max_syn_backlog=8192",
+    "net.ipv4.ip_local_port_range=10000 65000",
+    "net.ipv6.conf.all.accept_dad=0",
+    "net.ipv6.conf.default.accept_dad=0",
+)
+
+
+class BedError(RuntimeError):
+    pass
+
+
+def missing_requirements(*, iperf: bool = False, proxychains: bool = False) -> list[str]:
+    """What keeps the bed from running here; empty when it can run."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (network namespaces)")
+    needed = {"ip": "iproute2", "danted": "dante-server", "curl": "curl", "useradd": "passwd"}
+    if iperf:
+        needed["iperf3"] = "iperf3"
+    if proxychains:
+        needed["proxychains4"] = "proxychains4"
+    missing += [f"{cmd} (Debian package {pkg})" for cmd, pkg in needed.items() if not which(cmd)]
+    return missing
+
+
+def which(command: str) -> str | None:
+    # root's PATH under sudo or CI may lack /usr/sbin, where danted and useradd live
+    path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    return shutil.which(command, path=path)
+
+
+def run(
+    args: Sequence[str], *, timeout: float, check: bool = True, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command with a bounded time; on failure raise with its stderr."""
+    proc = subprocess.run(
+        list(args),
+        input=input.decode() if input is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise BedError(f"{' '.join(args)} -> exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return proc
+
+
+def tun2socks_command() -> list[str]:
+    script = Path(sys.executable).with_name("tun2socks")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("tun2socks")
+    return [found] if found else [sys.executable, "-m", "tun2socks"]
+
+
+def process_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BedError(f"no VmRSS for pid {pid}")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _pid_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """SIGTERM, wait, then SIGKILL. Returns the exit code, or None if it had to be killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        return None
+
+
+@dataclass
+class Tun2socks:
+    """One tun2socks process running in the client namespace."""
+
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM; the exit code, or None if it did not exit within timeout (then killed)."""
+        return _stop_process(self.process, timeout)
+
+
+# what the `start_tun2socks` fixture yields: Bed.start_tun2socks with the log path filled in
+StartTun2socks = Callable[..., Tun2socks]
+
+
+class Bed:
+    """The namespaces, servers and (on demand) tun2socks processes of one test or bench run."""
+
+    def __init__(self, workdir: Path, *, mtu: int = 1500, iperf: bool = False) -> None:
+        global _instances
+        suffix = f"-{_instances}" if _instances else ""
+        _instances += 1
+        self.cli_ns = f"t2sc-{os.getpid()}{suffix}"
+        self.srv_ns = f"t2ss-{os.getpid()}{suffix}"
+        self.socks_user = f"t2su-{os.getpid()}{suffix}"
+        self.socks_password = secrets.token_urlsafe(18)
+        self.workdir = workdir
+        self.mtu = mtu
+        self.iperf = iperf
+        self.tun2socks: Tun2socks | None = None
+        self._servers: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._created: list[str] = []  # what down() has to undo: "ns:NAME", "etc:NAME", "user"
+        self._old_handlers: dict[int, Any] = {}
+        self._is_up = False
+
+    # -- commands in the namespaces ---------------------------------------------------------
+
+    def cli_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.cli_ns]
+
+    def run_cli(
+        self, args: Sequence[str], *, timeout: float, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        return run([*self.cli_prefix(), *args], timeout=timeout, check=check)
+
+    def run_srv(
+        self, args: Sequence[str], *, timeout: float, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        return run(["ip", "netns", "exec", self.srv_ns, *args], timeout=timeout, check=check)
+
+    def netclient(self, args: Sequence[str], *, timeout: float) -> dict[str, Any]:
+        """Run tests/integration/netclient.py in the client namespace; its JSON answer."""
+        proc = self.run_cli([sys.executable, str(NET_CLIENT_SCRIPT), *args], timeout=timeout)
+        try:
+            answer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError) as exc:
+            raise BedError(
+                f"netclient {args[0]}: rc {proc.returncode}: {proc.stderr[-500:]}"
+            ) from exc
+        return answer
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def up(self) -> Bed:
+        missing = missing_requirements(iperf=self.iperf)
+        if missing:
+            raise BedError("the bed needs: " + ", ".join(missing))
+        reap_stale_beds()
+        self._install_cleanup()
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._create_network()
+            self._create_user()
+            self._start_servers()
+        except BaseException:
+            self.down()
+            raise
+        self._is_up = True
+        return self
+
+    def __enter__(self) -> Bed:
+        return self.up()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
+    def _ns_sh(self, ns: str, args: Sequence[str]) -> None:
+        run(["ip", "-n", ns, *args], timeout=10)
+
+    def _create_network(self) -> None:
+        for ns in (self.cli_ns, self.srv_ns):
+            run(["ip", "netns", "add", ns], timeout=10)
+            self._created.append(f"ns:{ns}")
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            self._created.append(f"etc:{ns}")
+            # `ip netns exec` bind-mounts this over /etc/resolv.conf: lookups stay in the bed
+            (etc / "resolv.conf").write_text(f"nameserver {TARGET_IP}\n")
+            self._ns_sh(ns, ["link", "set", "lo", "up"])
+            run(["ip", "netns", "exec", ns, "sysctl", "-qw", *_NS_SYSCTLS], timeout=10)
+        run(
+            [
+                *("ip", "link", "add", CLI_VETH, "netns", self.cli_ns, "type", "veth"),
+                *("peer", "name", SRV_VETH, "netns", self.srv_ns),
+            ],
+            timeout=10,
+        )
+        cli, srv = self.cli_ns, self.srv_ns
+        self._ns_sh(cli, ["addr", "add", f"{CLI_VETH_IP}/24", "dev", CLI_VETH])
+        self._ns_sh(srv, ["addr", "add", f"{SRV_VETH_IP}/24", "dev", SRV_VETH])
+        self._ns_sh(cli, ["-6", "addr", "add", f"{CLI_VETH_IP6}/64", "dev", CLI_VETH, "nodad"])
+        self._ns_sh(srv, ["-6", "addr", "add", f"{SRV_VETH_IP6}/64", "dev", SRV_VETH, "nodad"])
+        self._ns_sh(cli, ["link", "set", CLI_VETH, "up"])
+        self._ns_sh(srv, ["link", "set", SRV_VETH, "up"])
+        # the proxy stays reachable via the veth once the default route points into the TUN
+        self._ns_sh(cli, ["route", "replace", f"{SRV_VETH_IP}/32", "dev", CLI_VETH])
+        self._ns_sh(srv, ["addr", "add", f"{TARGET_IP}/32", "dev", "lo"])
+        self._ns_sh(srv, ["-6", "addr", "add", f"{TARGET_IP6}/128", "dev", "lo", "nodad"])
+        # return routes to the TUN's prefixes, for traffic sent to the target without the proxy
+        self._ns_sh(srv, ["route", "replace", TUN_NET, "via", CLI_VETH_IP, "dev", SRV_VETH])
+        self._ns_sh(srv, ["-6", "route", "replace", TUN_NET6, "via", CLI_VETH_IP6, "dev", SRV_VETH])
+
+    def _create_user(self) -> None:
+        """A system user for danted's username method (it checks passwd/shadow)."""
+        nologin = which("nologin") or "/bin/false"
+        run(
+            ["useradd", "--system", "--no-create-home", "--shell", nologin, self.socks_user],
+            timeout=20,
+        )
+        self._created.append("user")
+        run(["chpasswd"], timeout=20, input=f"{self.socks_user}:{self.socks_password}\n".encode())
+
+    def _danted_config(self, port: int, method: str, log_name: str) -> Path:
+        path = self.workdir / f"danted-{port}.conf"
+        path.write_text(
+            f"""logoutput: {self.workdir / log_name}
+internal: {SRV_VETH_IP} port = {port}
+external: lo
+external.rotation: route
+clientmethod: none
+socksmethod: {method}
+user.privileged: root
+user.unprivileged: nobody
+timeout.negotiate: 10
+client pass {{ from: 198.18.0.0/15 to: 0/0 }}
+client block {{ from: 0/0 to: 0/0 log: connect error }}
+socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
+socks pass {{ from: 0/0 to: fd00:c8::/32 command: connect }}
+socks block {{ from: 0/0 to: 0/0 log: connect error }}
+"""
+        )
+        return path
+
+    def _start_server(self, name: str, args: Sequence[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.srv_ns, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+        self._servers.append((name, proc))
+
+    def _start_servers(self) -> None:
+        danted = which("danted") or "danted"
+        noauth = self._danted_config(SOCKS_PORT, "none", "danted-noauth.out")
+        auth = self._danted_config(SOCKS_AUTH_PORT, "username", "danted-auth.out")
+        for name, conf in (("danted-noauth", noauth), ("danted-auth", auth)):
+            pid_file = self.workdir / f"{name}.pid"
+            self._start_server(name, [danted, "-f", str(conf), "-p", str(pid_file), "-N", "2"])
+        http_args = [sys.executable, str(HTTP_SERVER_SCRIPT), "--bind", "::"]
+        self._start_server("httpd", [*http_args, "--port", str(HTTP_PORT)])
+        ports = {SOCKS_PORT, SOCKS_AUTH_PORT, HTTP_PORT}
+        if self.iperf:
+            self._start_server("iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
+            ports.add(IPERF_PORT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            for name, proc in self._servers:
+                if proc.poll() is not None:
+                    raise BedError(f"{name} exited with {proc.returncode}: {self._log_tail(name)}")
+            listening = self.run_srv(["ss", "-Hltn"], timeout=10).stdout
+            open_ports = {int(m) for m in re.findall(r":(\d+)\s", listening)}
+            if ports <= open_ports:
+                return
+            if time.monotonic() > deadline:
+                raise BedError(f"servers not listening on {sorted(ports - open_ports)}")
+            time.sleep(0.1)
+
+    def _log_tail(self, name: str) -> str:
+        try:
+            return (self.workdir / f"{name}.log").read_text(errors="replace")[-1000:]
+        except FileNotFoundError:
+            return ""
+
+    # -- tun2socks ----------------------------------------------------------------------------
+
+    def proxy_url(self, *, auth: bool = False) -> str:
+        if auth:
+            # the password reaches tun2socks through the environment, never a file or argv
+            return f"socks5://{self.socks_user}:${{{PASSWORD_ENV}}}@{SRV_VETH_IP}:{SOCKS_AUTH_PORT}"
+        return f"socks5://{SRV_VETH_IP}:{SOCKS_PORT}"
+
+    def tun2socks_config(
+        self, *, auth: bool = False, extra: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "tun": {
+                "name": TUN_NAME,
+                "addresses": [f"{TUN_IP}/24", f"{TUN_IP6}/64"],
+                "mtu": self.mtu,
+            },
+            "proxy": {"url": self.proxy_url(auth=auth)},
+            "log": {"level": "info"},
+        }
+        return _deep_merge(config, extra or {})
+
+    def start_tun2socks(
+        self,
+        log_path: Path,
+        *,
+        auth: bool = False,
+        password: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        ready_timeout: float = READY_TIMEOUT_S,
+    ) -> Tun2socks:
+        """Start tun2socks in the client namespace (stopping any previous one), wait for its TUN,
+        then route everything but the proxy into it. `password` defaults to the right one."""
+        self.stop_tun2socks()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path = log_path.with_suffix(".yaml")
+        config_path.write_text(yaml.safe_dump(self.tun2socks_config(auth=auth, extra=extra)))
+        env = dict(os.environ)
+        env[PASSWORD_ENV] = self.socks_password if password is None else password
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [*self.cli_prefix(), *tun2socks_command(), "run", "-c", str(config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self.tun2socks = Tun2socks(process, config_path, log_path)
+        try:
+            self._wait_for_tun(self.tun2socks, ready_timeout)
+            self._ns_sh(self.cli_ns, ["route", "replace", "default", *_via(TUN_GW)])
+            self._ns_sh(self.cli_ns, ["-6", "route", "replace", "default", *_via(TUN_GW6)])
+        except BaseException:
+            self.stop_tun2socks()
+            raise
+        return self.tun2socks
+
+    def _wait_for_tun(self, t2s: Tun2socks, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if t2s.process.poll() is not None:
+                raise BedError(
+                    f"tun2socks exited with {t2s.process.returncode} before its TUN was ready:\n"
+                    + t2s.log_tail()
+                )
+            if self.tun_ready():
+                return
+            if time.monotonic() > deadline:
+                raise BedError(
+                    f"TUN {TUN_NAME} not up with {TUN_IP} within {timeout} s:\n" + t2s.log_tail()
+                )
+            time.sleep(0.1)
+
+    def tun_exists(self) -> bool:
+        proc = run(
+            ["ip", "-n", self.cli_ns, "link", "show", "dev", TUN_NAME], timeout=10, check=False
+        )
+        return proc.returncode == 0
+
+    def tun_ready(self) -> bool:
+        proc = run(
+            ["ip", "-n", self.cli_ns, "-j", "addr", "show", "dev", TUN_NAME],
+            timeout=10,
+            check=False,
+        )
+        if proc.returncode != 0 or not proc.stdout.strip():
+            return False
+        links = json.loads(proc.stdout)
+        return bool(links) and any(
+            "UP" in link.get("flags", [])
+            and any(a.get("local") == TUN_IP for a in link.get("addr_info", []))
+            for link in links
+        )
+
+    def stop_tun2socks(self) -> int | None:
+        t2s, self.tun2socks = self.tun2socks, None
+        return t2s.stop() if t2s is not None else None
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def _install_cleanup(self) -> None:
+        atexit.register(self.down)
+        if not _in_main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) in (signal.SIG_DFL, None):
+                self._old_handlers[signum] = signal.signal(signum, _exit_on_signal)
+
+    def down(self) -> None:
+        """Undo everything, each step on its own so one failure skips nothing. Idempotent."""
+        errors: list[str] = []
+
+        def attempt(what: str, action: Any, *args: Any) -> None:
+            try:
+                action(*args)
+            except Exception as exc:
+                errors.append(f"{what}: {exc}")
+
+        attempt("stop tun2socks", self.stop_tun2socks)
+        for name, proc in reversed(self._servers):
+            attempt(f"stop {name}", _stop_process, proc, 3.0)
+        self._servers.clear()
+        for item in reversed(self._created):
+            kind, _, name = item.partition(":")
+            if kind == "ns":
+                attempt(f"delete namespace {name}", _delete_namespace, name)
+            elif kind == "etc":
+                attempt(f"remove /etc/netns/{name}", shutil.rmtree, Path("/etc/netns") / name, True)
+            elif kind == "user":
+                attempt(f"delete user {self.socks_user}", _delete_user, self.socks_user)
+        self._created.clear()
+        for signum, handler in self._old_handlers.items():
+            if _in_main_thread() and signal.getsignal(signum) is _exit_on_signal:
+                attempt("restore signal handler", signal.signal, signum, handler)
+        self._old_handlers.clear()
+        atexit.unregister(self.down)
+        self._is_up = False
+        if errors:
+            print("bed cleanup problems:\n  " + "\n  ".join(errors), file=sys.stderr)
+
+
+_instances = 0
+
+
+def _via(gateway: str) -> list[str]:
+    return ["via", gateway, "dev", TUN_NAME, "onlink"]
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    # Treated like Ctrl-C: pytest stops the session (a SystemExit would only fail the current
+    # test) and unwinding runs finally blocks, fixture finalizers and atexit: the bed goes down.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _kill_namespace_processes(ns: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = run(["ip", "netns", "pids", ns], timeout=10, check=False)
+        pids = [int(p) for p in proc.stdout.split()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+            time.sleep(0.05)
+
+
+def _delete_namespace(ns: str) -> None:
+    _kill_namespace_processes(ns)
+    run(["ip", "netns", "del", ns], timeout=10)
+
+
+def _delete_user(user: str) -> None:
+    proc = run(["userdel", user], timeout=20, check=False)
+    if proc.returncode not in (0, 6):  # 6: no such user
+        raise BedError(f"userdel {user}: {proc.stderr.strip()}")
+
+
+def reap_stale_beds() -> None:
+    """Remove namespaces and users of beds whose process is gone (a killed earlier run)."""
+    listing = run(["ip", "netns", "list"], timeout=10, check=False).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = _NAME_RE.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(BedError, subprocess.TimeoutExpired):
+                _delete_namespace(name)
+            shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+    with open("/etc/passwd") as passwd:
+        users = [line.split(":", 1)[0] for line in passwd]
+    for user in users:
+        match = _USER_RE.match(user)
+        if match and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(BedError, subprocess.TimeoutExpired):
+                _delete_user(user)
