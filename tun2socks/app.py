@@ -12,19 +12,22 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tun2socks.device import DeviceError, TunDevice
 from tun2socks.net.events import (
+    DatagramReceived,
     DataReceived,
     EofReceived,
     FlowEnded,
     FlowRequested,
     FlowReset,
+    IPAddress,
     SendSpaceAvailable,
 )
 from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.outbound import socks5
+from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
 from tun2socks.relay import Relay
 
 if TYPE_CHECKING:
@@ -33,8 +36,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("tun2socks")
 
 
+class DatagramHandler(Protocol):
+    """Takes the UDP datagrams clients send into the TUN (the DNS forwarder, the UDP relay)."""
+
+    def datagram_received(self, datagram: DatagramReceived) -> None: ...
+
+
 class Engine:
-    """Owns the stack and the relays; drives both from the loop."""
+    """Owns the stack and the relays; drives both from the loop.
+
+    `dialer` opens the upstream of each TCP flow; `datagram_handler` takes UDP.  Both are
+    replaceable so that later layers (rules, DNS, UDP relay) wrap or extend them.
+    """
 
     def __init__(self, settings: Settings, device: TunDevice, loop: asyncio.AbstractEventLoop):
         self.settings = settings
@@ -53,6 +66,8 @@ class Engine:
             )
         )
         self.proxy = socks5.ProxyEndpoint.from_config(settings.proxy)
+        self.dialer: Dialer = Socks5Dialer(self.proxy, timeout=settings.proxy.connect_timeout)
+        self.datagram_handler: DatagramHandler | None = None
         self.relays: dict[int, Relay] = {}
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
@@ -115,6 +130,11 @@ class Engine:
                     relay.send_space_available()
             elif isinstance(event, FlowRequested):
                 self._open(event)
+            elif isinstance(event, DatagramReceived):
+                if self.datagram_handler is not None:
+                    self.datagram_handler.datagram_received(event)
+                else:
+                    stack.drops["udp_unhandled"] += 1
             elif isinstance(event, FlowEnded):
                 relay = relays.get(event.flow_id)
                 if relay is not None:
@@ -134,23 +154,12 @@ class Engine:
     async def _connect(self, relay: Relay) -> None:
         flow = relay.flow
         try:
-            sock, _bound = await socks5.connect(
-                self.proxy,
-                flow.dst,
-                flow.dst_port,
-                timeout=self.settings.proxy.connect_timeout,
-            )
-        except socks5.Socks5Error as exc:
-            log.warning("%s: %s", relay.describe(), exc)
-            self.stack.reject(flow.flow_id)
-            self.relay_finished(relay)
-            self.schedule_flush()
+            sock = await self.dialer.dial(flow)
+        except (socks5.Socks5Error, DialError) as exc:
+            self._refuse(relay, str(exc))
             return
         except (OSError, ValueError) as exc:
-            log.warning("%s: cannot connect upstream: %s", relay.describe(), exc)
-            self.stack.reject(flow.flow_id)
-            self.relay_finished(relay)
-            self.schedule_flush()
+            self._refuse(relay, f"cannot connect upstream: {exc}")
             return
         if flow.flow_id not in self.relays:  # the client gave up meanwhile
             sock.close()
@@ -159,13 +168,24 @@ class Engine:
             await self.loop.create_connection(lambda: relay, sock=sock)
         except OSError as exc:
             sock.close()
-            log.warning("%s: upstream socket failed: %s", relay.describe(), exc)
-            self.stack.reject(flow.flow_id)
-            self.relay_finished(relay)
-            self.schedule_flush()
+            self._refuse(relay, f"upstream socket failed: {exc}")
             return
         log.debug("%s: connected through %s", relay.describe(), self.proxy.address)
         self.stack.accept(flow.flow_id, self.loop.time())
+        self.schedule_flush()
+
+    def _refuse(self, relay: Relay, reason: str) -> None:
+        """The upstream could not be opened: one log line, RST to the client."""
+        log.warning("%s: %s", relay.describe(), reason)
+        self.stack.reject(relay.flow_id)
+        self.relay_finished(relay)
+        self.schedule_flush()
+
+    def send_datagram(
+        self, src: IPAddress, src_port: int, dst: IPAddress, dst_port: int, payload: bytes
+    ) -> None:
+        """A UDP datagram to a client, written at the end of this loop iteration."""
+        self.stack.send_datagram(src, src_port, dst, dst_port, payload)
         self.schedule_flush()
 
     def relay_finished(self, relay: Relay) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import ipaddress
+import random
 import struct
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from tcp_helpers import ADDRESSES, Client, established, make_stack, parse_packet
 
 import tun2socks.net
 from tun2socks.net.checksum import checksum, pseudo_header_sum
-from tun2socks.net.events import FlowRequested
+from tun2socks.net.events import DatagramReceived, FlowRequested
 from tun2socks.net.ip import (
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -23,7 +25,9 @@ from tun2socks.net.ip import (
     MalformedPacket,
     build_ip_header,
 )
+from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.net.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment, build_tcp_packet
+from tun2socks.net.udp import UdpDatagram
 
 CLIENT4, SERVER4 = ADDRESSES[4]
 CLIENT6, SERVER6 = ADDRESSES[6]
@@ -147,9 +151,7 @@ def test_ipv6_no_next_header_is_dropped() -> None:
 @pytest.mark.parametrize(
     ("version", "protocol", "reason"),
     [
-        (4, PROTO_UDP, "unsupported_protocol"),
         (4, PROTO_ICMP, "unsupported_protocol"),
-        (6, PROTO_UDP, "unsupported_protocol"),
         (6, PROTO_ICMPV6, "ipv6_control"),
     ],
 )
@@ -158,6 +160,37 @@ def test_non_tcp_protocols_are_counted_as_drops(version: int, protocol: int, rea
     body = bytes(8)
     packet = build_ip_header(version, src, dst, protocol, len(body)) + body
     assert drops_after(packet) == {reason: 1}
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_udp_datagram_becomes_an_event(version: int) -> None:
+    src, dst = ADDRESSES[version]
+    stack = Stack(StackConfig(), random.Random(1))
+    stack.receive_packet(UdpDatagram(5353, 53, b"query").build(version, src, dst), 0.0)
+    assert stack.next_event() == DatagramReceived(
+        ipaddress.ip_address(src), 5353, ipaddress.ip_address(dst), 53, b"query"
+    )
+    assert not stack.drops
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_malformed_udp_is_counted_not_raised(version: int) -> None:
+    src, dst = ADDRESSES[version]
+    body = bytes(8)  # length field 0: shorter than the header
+    packet = build_ip_header(version, src, dst, PROTO_UDP, len(body)) + body
+    assert drops_after(packet) == {"bad_udp_length": 1}
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_send_datagram_builds_a_valid_udp_packet(version: int) -> None:
+    src, dst = ADDRESSES[version]
+    stack = Stack(StackConfig(), random.Random(1))
+    stack.send_datagram(ipaddress.ip_address(dst), 53, ipaddress.ip_address(src), 5353, b"answer")
+    [packet] = stack.packets_to_send(0.0)
+    ip = IpPacket.parse(packet)
+    assert (ip.src, ip.dst) == (dst, src)
+    datagram = UdpDatagram.parse(ip)
+    assert (datagram.src_port, datagram.dst_port, bytes(datagram.payload)) == (53, 5353, b"answer")
 
 
 # ---------------------------------------------------------------- TCP

@@ -59,4 +59,23 @@ class FlowReset:
     reason: str
 
 
-Event = FlowRequested | DataReceived | EofReceived | SendSpaceAvailable | FlowEnded | FlowReset
+@dataclass(frozen=True, slots=True)
+class DatagramReceived:
+    """A UDP datagram from a client; answer with `Stack.send_datagram` (src and dst swapped)."""
+
+    src: IPAddress
+    src_port: int
+    dst: IPAddress
+    dst_port: int
+    payload: bytes
+
+
+Event = (
+    FlowRequested
+    | DataReceived
+    | EofReceived
+    | SendSpaceAvailable
+    | FlowEnded
+    | FlowReset
+    | DatagramReceived
+)

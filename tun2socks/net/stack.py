@@ -26,17 +26,19 @@ import random
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from tun2socks.net.events import Event, FlowRequested
+from tun2socks.net.events import DatagramReceived, Event, FlowRequested, IPAddress
 from tun2socks.net.ip import (
     IPV4_HEADER_LEN,
     IPV6_HEADER_LEN,
     PROTO_ICMPV6,
     PROTO_TCP,
+    PROTO_UDP,
     IpPacket,
     MalformedPacket,
 )
 from tun2socks.net.tcp import ACK, FIN, RST, SYN, TCP_HEADER_LEN, TcpSegment
 from tun2socks.net.tcp_conn import TcpConfig, TcpConnection, TcpState
+from tun2socks.net.udp import UdpDatagram
 
 FourTuple = tuple[bytes, int, bytes, int]  # client address, client port, server address, port
 
@@ -101,6 +103,9 @@ class Stack:
             packet = IpPacket.parse(data)
             if packet.fragment:
                 raise MalformedPacket("fragment")
+            if packet.protocol == PROTO_UDP:
+                self._receive_udp(packet, checksum_trusted)
+                return
             if packet.protocol != PROTO_TCP:
                 # ICMPv6 neighbour discovery and router solicitations arrive as soon as the
                 # link is up: expected noise, counted apart from real drops.
@@ -112,6 +117,17 @@ class Stack:
             self.drops[exc.reason] += 1
             return
         self._receive_tcp(packet, segment, now)
+
+    def send_datagram(
+        self, src: IPAddress, src_port: int, dst: IPAddress, dst_port: int, payload: bytes
+    ) -> None:
+        """Send a UDP datagram to a client (`dst`), from the address it wrote to (`src`)."""
+        if src.version != dst.version:
+            raise ValueError("source and destination address families differ")
+        datagram = UdpDatagram(src_port, dst_port, payload)
+        self._out.append(
+            datagram.build(src.version, src.packed, dst.packed, offload=self.config.offload)
+        )
 
     def packets_to_send(self, now: float) -> list[bytes]:
         """Flush every flow touched since the last call; return the packets for the TUN."""
@@ -218,6 +234,18 @@ class Stack:
             self._after(conn)
 
     # ---------------------------------------------------------------- internals
+
+    def _receive_udp(self, packet: IpPacket, checksum_trusted: bool) -> None:
+        datagram = UdpDatagram.parse(packet, checksum_trusted)
+        self._events.append(
+            DatagramReceived(
+                ipaddress.ip_address(packet.src),
+                datagram.src_port,
+                ipaddress.ip_address(packet.dst),
+                datagram.dst_port,
+                bytes(datagram.payload),
+            )
+        )
 
     def _receive_tcp(self, packet: IpPacket, seg: TcpSegment, now: float) -> None:
         key = (packet.src, seg.src_port, packet.dst, seg.dst_port)

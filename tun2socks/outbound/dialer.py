@@ -1,0 +1,50 @@
+"""How a TCP flow reaches its destination: the `Dialer` interface and the SOCKS5 dialer.
+
+The engine asks a dialer for a connected socket for each new flow, and answers the
+client's SYN with SYN-ACK if it gets one, or RST if the dialer raises.  Other ways out
+(direct sockets, rules, DNS interception) are dialers too, wrapping this one.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from tun2socks.net.events import FlowRequested
+from tun2socks.outbound import socks5
+
+
+class DialError(Exception):
+    """A flow cannot be opened; its str is one log line (no secrets)."""
+
+
+class Dialer(Protocol):
+    async def dial(self, flow: FlowRequested) -> socket.socket:
+        """A connected non-blocking socket for `flow`; raises DialError, Socks5Error or OSError."""
+        ...
+
+
+class Socks5Dialer:
+    """Every flow through one SOCKS5 proxy, to the address the client connected to."""
+
+    def __init__(
+        self,
+        proxy: socks5.ProxyEndpoint,
+        *,
+        timeout: float,
+        prepare_socket: Callable[[socket.socket], None] | None = None,
+    ) -> None:
+        self.proxy = proxy
+        self.timeout = timeout
+        self.prepare_socket = prepare_socket
+
+    async def dial(self, flow: FlowRequested) -> socket.socket:
+        sock, _bound = await socks5.connect(
+            self.proxy,
+            flow.dst,
+            flow.dst_port,
+            timeout=self.timeout,
+            prepare_socket=self.prepare_socket,
+        )
+        return sock
