@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from tun2socks.device import DeviceError, TunDevice
@@ -45,8 +46,11 @@ class DatagramHandler(Protocol):
 class Engine:
     """Owns the stack and the relays; drives both from the loop.
 
-    `dialer` opens the upstream of each TCP flow; `datagram_handler` takes UDP.  Both are
-    replaceable so that later layers (rules, DNS, UDP relay) wrap or extend them.
+    Extension points, so that later layers (rules, DNS, UDP relay, API) plug in here:
+    `dialer` opens the upstream of each TCP flow (wrap it to add behaviour);
+    `datagram_handlers[port]` takes UDP to that destination port, `datagram_handler` the rest;
+    `domain_lookup` maps a destination address to the name it was resolved from, if known;
+    `stats_sources[name]()` returns a component's counters for the API and metrics.
     """
 
     def __init__(self, settings: Settings, device: TunDevice, loop: asyncio.AbstractEventLoop):
@@ -68,6 +72,9 @@ class Engine:
         self.proxy = socks5.ProxyEndpoint.from_config(settings.proxy)
         self.dialer: Dialer = Socks5Dialer(self.proxy, timeout=settings.proxy.connect_timeout)
         self.datagram_handler: DatagramHandler | None = None
+        self.datagram_handlers: dict[int, DatagramHandler] = {}
+        self.domain_lookup: Callable[[IPAddress], str | None] = lambda _address: None
+        self.stats_sources: dict[str, Callable[[], dict[str, int]]] = {}
         self.relays: dict[int, Relay] = {}
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
@@ -131,8 +138,9 @@ class Engine:
             elif isinstance(event, FlowRequested):
                 self._open(event)
             elif isinstance(event, DatagramReceived):
-                if self.datagram_handler is not None:
-                    self.datagram_handler.datagram_received(event)
+                handler = self.datagram_handlers.get(event.dst_port, self.datagram_handler)
+                if handler is not None:
+                    handler.datagram_received(event)
                 else:
                     stack.drops["udp_unhandled"] += 1
             elif isinstance(event, FlowEnded):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from tun2socks.net.events import FlowRequested
@@ -40,11 +41,11 @@ class Socks5Dialer:
         self.prepare_socket = prepare_socket
 
     async def dial(self, flow: FlowRequested) -> socket.socket:
+        return await self.dial_host(flow.dst, flow.dst_port)
+
+    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+        """A connection to `host` (an address, or a name the proxy resolves) and `port`."""
         sock, _bound = await socks5.connect(
-            self.proxy,
-            flow.dst,
-            flow.dst_port,
-            timeout=self.timeout,
-            prepare_socket=self.prepare_socket,
+            self.proxy, host, port, timeout=self.timeout, prepare_socket=self.prepare_socket
         )
         return sock
