@@ -39,6 +39,22 @@ class Engine(Protocol):
 class Relay(asyncio.Protocol):
     """The upstream side of one flow (an asyncio Protocol) and the glue to the stack."""
 
+    # One per open flow: slots keep thousands of idle flows cheap.
+    __slots__ = (
+        "_eof_sent",
+        "_finished",
+        "_upstream_gone",
+        "_upstream_paused",
+        "bytes_down",
+        "bytes_up",
+        "connect_task",
+        "engine",
+        "flow",
+        "flow_id",
+        "route_label",
+        "transport",
+    )
+
     def __init__(self, engine: Engine, flow: FlowRequested) -> None:
         self.engine = engine
         self.flow = flow
@@ -51,6 +67,7 @@ class Relay(asyncio.Protocol):
         self._finished = False
         self.bytes_up = 0
         self.bytes_down = 0
+        self.route_label = "proxy"  # how the flow leaves: set by the dialer that opened it
 
     def describe(self) -> str:
         f = self.flow
