@@ -180,7 +180,7 @@ class Engine:
             return
         log.debug("%s: connected through %s", relay.describe(), self.proxy.address)
         self.stack.accept(flow.flow_id, self.loop.time())
-        self.schedule_flush()
+        self._transmit()  # the SYN-ACK now, not an iteration later: it is on the latency path
 
     def _refuse(self, relay: Relay, reason: str) -> None:
         """The upstream could not be opened: one log line, RST to the client."""
