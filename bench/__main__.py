@@ -1,149 +1,148 @@
-"""Benchmark tun2socks on the namespace bed of the integration tests: `sudo python -m bench`.
+"""`sudo python3 -m bench`: measure tun2socks and the socks-danted ceiling back to back.
 
-Two labels, measured back to back on one bed:
-  tun2socks     plain clients in the client namespace; their traffic enters the TUN
-  socks-danted  the ceiling: the same clients speak SOCKS5 to danted themselves
-                (iperf3 under proxychains4, netclient.py with --socks)
-
-Tests: iperf3 upload and download (1 stream), connection rate (2000 GETs, 100 at a time, and
-200 at once) and small-GET latency p50 (200 sequential GETs); the GETs use
-tests/integration/netclient.py. Writes bench/results/<date>.json and the table between the
-markers in bench/README.md. Every step has a timeout; the whole run stays under five minutes.
+Builds the integration tests' namespace bed, starts tun2socks in it, and takes each selected
+row's measurements for both labels, one after the other (ceiling first), so that both see the
+same machine. The memory row runs last on a freshly started tun2socks; `--profile` then samples
+it with py-spy. Writes bench/results/<date>.json and a PNG chart, prints the table, and (for a
+complete run of the shipped defaults or of `--mtu 1500 --no-offload`) rewrites that table's
+section of bench/README.md. Every step is bounded; the bed is removed on exit, even on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
+import resource
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bed as bedlib
+
+from tun2socks.config import TunConfig
+
+from . import chart, memory, profile, report, rows, targets
+from .rows import LABEL_CEILING, LABEL_TUN, LABELS, MEASUREMENTS, ROW_IDS, Runner
+
 REPO = Path(__file__).resolve().parent.parent
-# bed.py lives with the integration tests, which use it the same way (one bed, one definition)
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-import bed as bedlib  # noqa: E402
-
-RESULTS_DIR = REPO / "bench" / "results"
-README = REPO / "bench" / "README.md"
-BEGIN_MARK = "<!-- bench-results:begin -->"
-END_MARK = "<!-- bench-results:end -->"
-LABEL_TUN = "tun2socks"
-LABEL_CEILING = "socks-danted"
-TOTAL_BUDGET_S = 280.0
-
-Metrics = dict[str, Any]
+TOTAL_BUDGET_S = 540.0  # measurements; bed setup and teardown fit in the rest of 10 minutes
 
 
-class Runner:
-    def __init__(self, bed: bedlib.Bed, args: argparse.Namespace, deadline: float) -> None:
-        self.bed = bed
-        self.args = args
-        self.deadline = deadline
-        self.proxychains_conf = bed.workdir / "proxychains.conf"
-        self.proxychains_conf.write_text(
-            "strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n"
-            f"[ProxyList]\nsocks5 {bedlib.SRV_VETH_IP} {bedlib.SOCKS_PORT}\n"
-        )
-
-    def time_left(self, wanted: float) -> float:
-        left = self.deadline - time.monotonic()
-        if left < 5:
-            raise TimeoutError("bench time budget exhausted")
-        return min(wanted, left)
-
-    def measure(self, label: str, fn: Callable[[str], Metrics]) -> Metrics:
-        """Run one test; add the CPU share of tun2socks (tun label) over its wall time."""
-        t2s = self.bed.tun2socks if label == LABEL_TUN else None
-        cpu_before = bedlib.process_cpu_seconds(t2s.pid) if t2s else 0.0
-        started = time.monotonic()
-        try:
-            metrics = fn(label)
-        except (bedlib.BedError, subprocess.TimeoutExpired, TimeoutError, ValueError) as exc:
-            return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        wall = time.monotonic() - started
-        if t2s is not None and t2s.process.poll() is None:
-            cpu = bedlib.process_cpu_seconds(t2s.pid) - cpu_before
-            metrics["tun2socks_cpu_pct"] = round(100.0 * cpu / wall, 1)
-        return metrics
-
-    def iperf(self, label: str, *, reverse: bool) -> Metrics:
-        secs = self.args.iperf_secs
-        cmd = ["iperf3", "-c", bedlib.TARGET_IP, "-p", str(bedlib.IPERF_PORT), "-t", str(secs)]
-        cmd += ["-J", "--connect-timeout", "5000", *(["-R"] if reverse else [])]
-        if label == LABEL_CEILING:
-            cmd = ["proxychains4", "-q", "-f", str(self.proxychains_conf), *cmd]
-        proc = self.bed.run_cli(cmd, timeout=self.time_left(secs + 20))
-        try:
-            end = json.loads(proc.stdout)["end"]
-            bits = end["sum_received"]["bits_per_second"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(
-                f"iperf3 rc {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}"
-            ) from exc
-        return {"gbit_s": round(bits / 1e9, 3), "retransmits": end["sum_sent"].get("retransmits")}
-
-    def get_many(self, label: str, *, n: int, c: int) -> Metrics:
-        args = ["get-many", "--host", bedlib.TARGET_IP, "--path", "/small", "-n", str(n)]
-        args += ["-c", str(c), "--req-timeout", "15", "--total-timeout", "90"]
-        if label == LABEL_CEILING:
-            args += ["--socks", f"{bedlib.SRV_VETH_IP}:{bedlib.SOCKS_PORT}"]
-        result = self.bed.netclient(args, timeout=self.time_left(110))
-        if "ok" not in result:
-            raise ValueError(str(result))
-        return {
-            "ok": result["ok"],
-            "fail": result["fail"],
-            "req_per_s": result["rate_per_s"],
-            "p50_ms": result["lat_ms"]["p50"],
-            "p99_ms": result["lat_ms"]["p99"],
-            "errors": result["errors"],
-        }
-
-    def run_label(self, label: str) -> dict[str, Metrics]:
-        tests: dict[str, Callable[[str], Metrics]] = {
-            "latency_n200_c1": lambda lb: self.get_many(lb, n=200, c=1),
-            "conn_n200_c200": lambda lb: self.get_many(lb, n=200, c=200),
-            "conn_n2000_c100": lambda lb: self.get_many(lb, n=2000, c=100),
-            "iperf_up_P1": lambda lb: self.iperf(lb, reverse=False),
-            "iperf_down_P1": lambda lb: self.iperf(lb, reverse=True),
-        }
-        results = {}
-        for name, fn in tests.items():
-            results[name] = self.measure(label, fn)
-            print(f"  {label:13} {name:16} {json.dumps(results[name])}", flush=True)
-            time.sleep(0.5)  # let TIME-WAIT and the CPU settle between tests
-        return results
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m bench", description="benchmark tun2socks against the socks-danted ceiling"
+    )
+    parser.add_argument("--mtu", type=int, help="TUN MTU (default: the shipped default)")
+    parser.add_argument(
+        "--no-offload", action="store_true", help="run tun2socks with tun.offload: false"
+    )
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROW_IDS),
+        help=f"comma-separated rows to measure, or 'none' (default: all of {','.join(ROW_IDS)})",
+    )
+    parser.add_argument("--iperf-secs", type=int, default=8, help="seconds per iperf3 test")
+    parser.add_argument(
+        "--idle-conns", type=int, default=10_000, help="idle connections for the memory row"
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy profile of bulk transfers")
+    parser.add_argument("--log-level", default="warning", help="tun2socks log level")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
+    args = parser.parse_args(argv)
+    selected = [] if args.rows == "none" else [r.strip() for r in args.rows.split(",") if r]
+    unknown = set(selected) - set(ROW_IDS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROW_IDS)}")
+    args.selected = [r for r in ROW_IDS if r in selected]  # always in the table's order
+    return args
 
 
-def run_tun2socks_label(
-    runner: Runner, bed: bedlib.Bed, args: argparse.Namespace
-) -> dict[str, Any]:
-    log_path = bed.workdir / "tun2socks.log"
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: inherited by danted, tun2socks and the clients,
+    which hold one fd (tun2socks and danted: two) per connection of the memory row."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start_tun2socks(bed: bedlib.Bed, args: argparse.Namespace, log_name: str) -> str | None:
+    """Start a fresh tun2socks and send one GET through it; an error text, or None."""
+    extra: dict[str, Any] = {"log": {"level": args.log_level}}
+    if args.no_offload:
+        extra["tun"] = {"offload": False}
+    url = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/small"
     try:
-        bed.start_tun2socks(log_path, extra={"log": {"level": args.log_level}})
-        probe = bed.run_cli(["curl", "-sS", "--max-time", "5", f"{_url()}/small"], timeout=15)
+        bed.start_tun2socks(bed.workdir / log_name, extra=extra)
+        probe = bed.run_cli(["curl", "-sS", "--max-time", "5", url], timeout=15)
         if probe.returncode != 0:
             raise bedlib.BedError(f"probe GET through the TUN failed: {probe.stderr.strip()}")
     except (bedlib.BedError, subprocess.TimeoutExpired) as exc:
         bed.stop_tun2socks()
-        return {"error": str(exc)[-1500:]}
+        return str(exc)[-1500:]
+    return None
+
+
+def stop_tun2socks(bed: bedlib.Bed, run: dict[str, Any]) -> None:
+    code = bed.stop_tun2socks()
+    run.setdefault("tun2socks_exit_codes", []).append(code)
+
+
+def measure_all(bed: bedlib.Bed, args: argparse.Namespace, run: dict[str, Any]) -> None:
+    results: dict[str, dict[str, Any]] = run["labels"]
+    runner = Runner(bed, rows.RunnerSettings(args.iperf_secs, time.monotonic() + TOTAL_BUDGET_S))
+    table_rows = [r for r in args.selected if r not in rows.TUN_ONLY]
     try:
-        return runner.run_label(LABEL_TUN)
+        if table_rows:
+            error = start_tun2socks(bed, args, "tun2socks.log")
+            if error:
+                results[LABEL_TUN]["error"] = error
+            for row in table_rows:
+                for name in MEASUREMENTS[row]:
+                    for label in LABELS:
+                        if label == LABEL_TUN and error:
+                            continue
+                        results[label][name] = runner.measure(name, label)
+                        print(f"  {label:13} {name:17} {_short(results[label][name])}", flush=True)
+                        time.sleep(rows.SETTLE_S)
+            stop_tun2socks(bed, run)
+        if "memory" in args.selected or args.profile:
+            error = start_tun2socks(bed, args, "tun2socks-memory.log")
+            if "memory" in args.selected:
+                results[LABEL_TUN]["memory"] = (
+                    {"error": error}
+                    if error
+                    else memory.measure_memory(bed, args.idle_conns, runner.time_left)
+                )
+                print(f"  {LABEL_TUN:13} {'memory':17} {_short(results[LABEL_TUN]['memory'])}")
+            if args.profile:
+                run["profile"] = record_profiles(bed, runner, run)
+    except rows.BudgetExhausted as exc:
+        run["budget_exhausted"] = str(exc)
+        print(f"stopped early: {exc}", file=sys.stderr)
     finally:
-        exit_code = bed.stop_tun2socks()
-        if exit_code != 0:
-            print(f"tun2socks exit code {exit_code}; log: {log_path}", file=sys.stderr)
+        if bed.tun2socks is not None:
+            stop_tun2socks(bed, run)
 
 
-def _url() -> str:
-    return f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}"
+def record_profiles(bed: bedlib.Bed, runner: Runner, run: dict[str, Any]) -> dict[str, Any]:
+    profiles = {}
+    for direction, reverse in (("upload", False), ("download", True)):
+        out = report.RESULTS_DIR / f"{run['stamp']}-profile-{direction}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        profiles[direction] = profile.record(runner, reverse=reverse, out_path=out)
+        print(f"  profile {direction}: {profiles[direction].get('samples', profiles[direction])}")
+        time.sleep(rows.SETTLE_S)
+    return profiles
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keep = {k: v for k, v in metrics.items() if k not in ("errors", "runs_req_per_s", "bytes")}
+    return str(keep)[:240]
 
 
 def git_commit() -> str | None:
@@ -154,124 +153,93 @@ def git_commit() -> str | None:
             text=True,
             timeout=10,
         )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return proc.stdout.strip() or None
+    commit = proc.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) or None
 
 
-ROWS = (
-    ("iperf3 upload, 1 stream", "iperf_up_P1", "gbit_s", "Gbit/s", True),
-    ("iperf3 download, 1 stream", "iperf_down_P1", "gbit_s", "Gbit/s", True),
-    ("GETs, 2000 (100 at a time)", "conn_n2000_c100", "req_per_s", "req/s", True),
-    ("GETs, 200 at once", "conn_n200_c200", "req_per_s", "req/s", True),
-    ("small GET latency p50", "latency_n200_c1", "p50_ms", "ms", False),
-)
-
-
-def _cell(metrics: Metrics | None, key: str, unit: str) -> str:
-    if not metrics:
-        return "-"
-    if "error" in metrics:
-        return "error"
-    text = f"{metrics.get(key)} {unit}"
-    if metrics.get("fail"):
-        text += f", {metrics['fail']} failed"
-    if "tun2socks_cpu_pct" in metrics:
-        text += f" (CPU {metrics['tun2socks_cpu_pct']:.0f}%)"
-    return text
-
-
-def _ratio(ours: Metrics | None, ceiling: Metrics | None, key: str, higher: bool) -> str:
-    try:
-        a, b = float((ours or {})[key]), float((ceiling or {})[key])
-    except (KeyError, TypeError, ValueError):
-        return "-"
-    if a <= 0 or b <= 0:
-        return "-"
-    return f"{100.0 * (a / b if higher else b / a):.0f}%"
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    labels = report["labels"]
-    ours, ceiling = labels.get(LABEL_TUN, {}), labels.get(LABEL_CEILING, {})
-    host = report["host"]
-    lines = [
-        f"Run {report['date']} on {host['cpus']} CPUs, kernel {host['kernel']}, "
-        f"Python {host['python']}, commit {report['commit'] or '?'}, "
-        f"TUN MTU {report['mtu']}, iperf3 {report['iperf_secs']} s per direction "
-        f"(`bench/results/{report['file']}`).",
-        "",
-        f"| test | {LABEL_TUN} | {LABEL_CEILING} (ceiling) | {LABEL_TUN} / ceiling |",
-        "|---|---|---|---|",
+def publish(run: dict[str, Any], args: argparse.Namespace) -> None:
+    verdicts = targets.evaluate(run["labels"])
+    run["verdicts"] = [
+        {"row": v.row, "measurement": v.measurement, "met": v.met, "ratio": v.ratio}
+        for v in verdicts
     ]
-    for title, test, key, unit, higher in ROWS:
-        a, b = ours.get(test), ceiling.get(test)
-        ratio = _ratio(a, b, key, higher)
-        lines.append(f"| {title} | {_cell(a, key, unit)} | {_cell(b, key, unit)} | {ratio} |")
-    if "error" in ours:
-        lines += ["", f"{LABEL_TUN} did not run: `{str(ours['error']).splitlines()[0][:200]}`"]
-    lines.append("")
-    lines.append("Latency: ratio is ceiling / ours (higher is better everywhere).")
-    return "\n".join(lines)
-
-
-def update_readme(table: str) -> None:
-    text = README.read_text()
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"{README}: markers {BEGIN_MARK} / {END_MARK} not found")
-    README.write_text(text[: begin + len(BEGIN_MARK)] + "\n" + table + "\n" + text[end:])
+    png = report.RESULTS_DIR / f"{run['stamp']}.png"
+    title = (
+        f"tun2socks vs targets, MTU {run['mtu']}, offloads {'on' if run['offload'] else 'off'}"
+        f" ({run['date']})"
+    )
+    has_chart = chart.render(verdicts, title, png)
+    complete = args.selected == list(ROW_IDS) and "budget_exhausted" not in run
+    publish_to = run["variant"] if complete and not args.no_readme else None
+    chart_ref = None
+    if has_chart:
+        chart_ref = f"results/{png.name}"
+        if publish_to:
+            shutil.copyfile(png, report.BENCH_DIR / f"chart-{publish_to}.png")
+            chart_ref = f"chart-{publish_to}.png"
+    path = report.write_json(run)
+    table = report.markdown_table(run, verdicts, chart_ref) if args.selected else ""
+    print(table)
+    if publish_to:
+        report.replace_section(publish_to, table)
+        print(f"bench/README.md: section {publish_to} rewritten")
+    elif args.selected and not args.no_readme:
+        print("bench/README.md unchanged: only complete runs of a published variant go there")
+    if "profile" in run and not args.no_readme:
+        context = f"at commit {run['commit']}, MTU {run['mtu']}, offloads " + (
+            "on" if run["offload"] else "off"
+        )
+        report.replace_section("profile", profile.markdown(run["profile"], context))
+    print(f"results: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench", description="benchmark tun2socks on a namespace bed"
-    )
-    parser.add_argument("--mtu", type=int, default=1500, help="TUN MTU (default 1500)")
-    parser.add_argument("--labels", default=f"{LABEL_CEILING},{LABEL_TUN}")
-    parser.add_argument("--iperf-secs", type=int, default=5)
-    parser.add_argument("--log-level", default="warning", help="tun2socks log level")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
-    args = parser.parse_args(argv)
-
+    args = parse_args(argv)
     missing = bedlib.missing_requirements(iperf=True, proxychains=True)
     if missing:
         print("bench needs: " + ", ".join(missing), file=sys.stderr)
         return 2
+    raise_fd_limit()
     now = datetime.datetime.now(datetime.UTC)
     stamp = now.strftime("%Y-%m-%dT%H%M%SZ")
-    report: dict[str, Any] = {
+    mtu = args.mtu if args.mtu is not None else TunConfig().mtu
+    offload = not args.no_offload
+    run: dict[str, Any] = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "stamp": stamp,
         "file": f"{stamp}.json",
         "commit": git_commit(),
-        "mtu": args.mtu,
+        "variant": report.variant_of(args.mtu, offload),
+        "mtu": mtu,
+        "offload": offload,
+        "rows": args.selected,
         "iperf_secs": args.iperf_secs,
+        "idle_conns": args.idle_conns,
         "host": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
         },
-        "labels": {},
+        "load_avg_start": os.getloadavg(),
+        "labels": {LABEL_CEILING: {}, LABEL_TUN: {}},
     }
+    started = time.monotonic()
     workdir = REPO / "test-artifacts" / f"bench-{stamp}"
-    deadline = time.monotonic() + TOTAL_BUDGET_S
-    with bedlib.Bed(workdir, mtu=args.mtu, iperf=True) as bed:
-        runner = Runner(bed, args, deadline)
-        for label in args.labels.split(","):
-            print(f"== {label}", flush=True)
-            if label == LABEL_CEILING:
-                report["labels"][label] = runner.run_label(label)
-            elif label == LABEL_TUN:
-                report["labels"][label] = run_tun2socks_label(runner, bed, args)
-            else:
-                parser.error(f"unknown label {label}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / report["file"]).write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table(report)
-    print(table)
-    if not args.no_readme:
-        update_readme(table)
-    print(f"results: {RESULTS_DIR / report['file']}; bed logs: {workdir}")
+    print(f"bench: rows {','.join(args.selected) or 'none'}, MTU {mtu}, offload {offload}")
+    with bedlib.Bed(workdir, mtu=mtu, iperf=True) as bed:
+        measure_all(bed, args, run)
+    run["load_avg_end"] = os.getloadavg()
+    run["wall_s"] = round(time.monotonic() - started, 1)
+    publish(run, args)
+    print(f"bed logs: {workdir}; {run['wall_s']} s")
     return 0
 
 

@@ -6,10 +6,12 @@ exits 2; Ctrl-C exits 130 without a traceback.
 """
 
 import argparse
+import logging
+import pwd
 import sys
 from collections.abc import Sequence
 
-from tun2socks import __version__, logs
+from tun2socks import __version__, check, down, exposure, logs, status
 from tun2socks.config import ConfigError, Settings, load_settings
 
 EXIT_CONFIG_ERROR = 2  # the same code argparse uses for usage errors
@@ -28,11 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="open the TUN device and relay its flows through the proxy",
         description="Open (or attach to) the TUN device and relay its flows through the proxy "
-        "until SIGINT or SIGTERM. Routes into the device are not added.",
+        "until SIGINT or SIGTERM. With route.auto it also routes all traffic into the device, "
+        "and undoes that on exit.",
         epilog="Precedence: defaults < -c FILE < --set < --device/--proxy/--log-level.",
     )
     run.add_argument("-c", "--config", metavar="FILE", help="YAML settings file")
-    run.add_argument("--device", metavar="NAME", help="TUN device name (tun.name)")
+    run.add_argument(
+        "--device", metavar="NAME", help="TUN device name, or fd://N from a parent (tun.name)"
+    )
     run.add_argument(
         "--proxy",
         metavar="URL",
@@ -52,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log.level",
     )
+    run.add_argument(
+        "--pcap", metavar="FILE", help="capture every TUN packet into FILE (api.pcap.file)"
+    )
+    run.add_argument("--user", metavar="NAME", help="run the data path as NAME after set-up")
+    status.add_parser(commands)
+    check.add_parser(commands)
+    down.add_parser(commands)
     commands.add_parser("version", help="print the version", description="Print the version.")
     return parser
 
@@ -62,18 +74,40 @@ def build_settings(args: argparse.Namespace) -> Settings:
     if args.config is None and args.proxy is None and not sets_proxy:
         raise ConfigError("a proxy URL is needed: pass --proxy socks5://HOST:PORT or -c FILE")
     flags = {"tun.name": args.device, "proxy.url": args.proxy, "log.level": args.log_level}
+    flags["api.pcap.file"] = args.pcap
     return load_settings(args.config, args.overrides, flags)
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
+    if args.user is not None:
+        check_user(args.user)
     if settings.proxy.password is not None:
         logs.register_secret(settings.proxy.password.get_secret_value())
+    if settings.api.token is not None:
+        logs.register_secret(settings.api.token.get_secret_value())
+    for named in settings.proxies.values():
+        if named.password is not None:
+            logs.register_secret(named.password.get_secret_value())
     logs.setup(settings.log)
+    warnings = exposure.command_line_warnings([args.proxy or "", *args.overrides])
+    if args.config is not None:
+        warnings += exposure.config_file_warnings(args.config)
+    for warning in warnings:
+        logging.getLogger("tun2socks").warning("%s", warning)
     # Imported late: the app pulls in the whole data path, which `version` does not need.
     from tun2socks.app import run as run_app
 
+    if args.user is not None:
+        return run_app(settings, user=args.user)
     return run_app(settings)
+
+
+def check_user(user: str) -> None:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"--user {user}: no such user") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "version":
             print(f"tun2socks {__version__}")
             return 0
+        if args.command == "status":
+            return status.run(args)
+        if args.command == "check":
+            return check.run(args)
+        if args.command == "down":
+            return down.run(args)
         return _run(args)
     except ConfigError as err:
         print(f"tun2socks: error: {err}", file=sys.stderr)

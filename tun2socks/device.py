@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # linux/if_tun.h (x86_64 ioctl numbers: _IOW('T', n, int) = 0x400454nn, _IOR = 0x800454nn)
 TUNSETOFFLOAD = 0x400454D0  # argument is the int itself, not a pointer
 TUNGETIFF = 0x800454D2  # fills a struct ifreq; flags at offset 16
+SIOCGIFMTU = 0x8921  # linux/sockios.h
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -67,6 +68,8 @@ MAX_QUEUED_PACKETS = 4096
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 OnPackets = Callable[[list[tuple[bytes, bool]]], None]
+# Sees every packet read (False) and written (True), e.g. the packet capture.
+PacketTap = Callable[[bytes, bool], None]
 
 
 class DeviceError(Exception):
@@ -128,6 +131,7 @@ class TunDevice:
         self.offload = offload
         self.created = created
         self.stats = DeviceStats()
+        self.tap: PacketTap | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_packets: OnPackets | None = None
         self._batch = 64
@@ -162,6 +166,42 @@ class TunDevice:
         how = "created" if created else "attached"
         log.info("TUN %s %s, mtu %d, offload %s", name, how, mtu, effective_offload)
         return cls(tun, mtu=mtu, offload=effective_offload, created=created)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, mtu: int, offload: bool) -> TunDevice:
+        """A TUN that a parent process opened and handed over as descriptor `fd`.
+
+        Needs no privilege: the parent has configured the device (addresses, MTU, link up);
+        nothing is changed here but the offload flags of the descriptor. The header mode is the
+        parent's choice: with IFF_VNET_HDR every packet carries the header and offload is used.
+        """
+        try:
+            ifreq = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+        except OSError as exc:
+            raise DeviceError(f"fd://{fd} is not an open TUN device: {exc.strerror}") from None
+        name = ifreq[:IFNAMSIZ].split(b"\0", 1)[0].decode(errors="replace")
+        (flags,) = struct.unpack_from("H", ifreq, IFNAMSIZ)
+        if flags & (IFF_TUN | IFF_NO_PI) != IFF_TUN | IFF_NO_PI:
+            raise DeviceError(f"fd://{fd} ({name}): must be opened with IFF_TUN | IFF_NO_PI")
+        vnet = bool(flags & IFF_VNET_HDR)
+        if vnet:
+            wanted = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, wanted)
+            except OSError as exc:
+                log.warning("TUN %s: offload refused (%s)", name, exc.strerror or exc)
+        elif offload:
+            log.info("TUN %s: opened without IFF_VNET_HDR by the parent: no offload", name)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                ifreq = fcntl.ioctl(probe, SIOCGIFMTU, struct.pack("16si", name.encode(), 0))
+            mtu = struct.unpack_from("i", ifreq, IFNAMSIZ)[0]
+        except OSError:
+            log.info("TUN %s: its MTU is not visible here; using %d", name, mtu)
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        log.info("TUN %s from fd %d, mtu %d, vnet header %s", name, fd, mtu, vnet)
+        return cls(_Descriptor(fd, name), mtu=mtu, offload=vnet, created=False)
 
     def fileno(self) -> int:
         return self._fd
@@ -198,6 +238,9 @@ class TunDevice:
         if packets:
             self.stats.packets_in += len(packets)
             self.stats.bytes_in += nbytes
+            if (tap := self.tap) is not None:
+                for packet, _trusted in packets:
+                    tap(packet, False)
             assert self._on_packets is not None
             self._on_packets(packets)
 
@@ -240,6 +283,8 @@ class TunDevice:
             return True
         self.stats.packets_out += 1
         self.stats.bytes_out += len(packet)
+        if (tap := self.tap) is not None:
+            tap(packet, True)
         return True
 
     def _enqueue(self, packet: bytes) -> None:
@@ -277,6 +322,20 @@ class TunDevice:
 
     def __repr__(self) -> str:
         return f"TunDevice(name={self.name!r}, mtu={self.mtu}, offload={self.offload})"
+
+
+class _Descriptor:
+    """A TUN descriptor we did not open ourselves, shaped like a pytun device."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self.name = name
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _link_exists(name: str) -> bool:

@@ -42,7 +42,6 @@ _MASK = "***"
 
 _secrets: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
-_handler: logging.Handler | None = None
 
 
 def kv(**fields: object) -> dict[str, object]:
@@ -141,12 +140,11 @@ class _StderrHandler(logging.Handler):
 
 def setup(log: LogConfig) -> None:
     """Send all logging to stderr in ``log.format`` at ``log.level``; calling again replaces it."""
-    global _handler
     root = logging.getLogger()
-    if _handler is not None:
-        root.removeHandler(_handler)
+    for existing in root.handlers[:]:  # ours, however many a caller's save/restore left
+        if isinstance(existing, _StderrHandler):
+            root.removeHandler(existing)
     handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if log.format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(_LEVELS[log.level])
-    _handler = handler

@@ -37,11 +37,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import dnsbed
 import yaml
 
 HERE = Path(__file__).resolve().parent
 HTTP_SERVER_SCRIPT = HERE / "httpserver.py"
 NET_CLIENT_SCRIPT = HERE / "netclient.py"
+UDP_TOOL_SCRIPT = HERE / "udptool.py"
 
 CLI_VETH = "veth-cli"
 SRV_VETH = "veth-srv"
@@ -62,6 +64,10 @@ SOCKS_PORT = 1080
 SOCKS_AUTH_PORT = 1081
 HTTP_PORT = 8080
 IPERF_PORT = 5201
+UDP_ECHO_PORTS = (7000, 7001)  # udptool.py serve: the first port can also answer from the second
+MICROSOCKS_PORT = 1082  # a SOCKS5 server without UDP ASSOCIATE
+FAR_PROXY_IP = "198.19.0.20"  # start_far_proxy(): reachable only via the client's default route
+FAR_PROXY_PORT = 1083
 
 PASSWORD_ENV = "T2S_TEST_PROXY_PASSWORD"
 READY_TIMEOUT_S = 15.0
@@ -84,7 +90,9 @@ class BedError(RuntimeError):
     pass
 
 
-def missing_requirements(*, iperf: bool = False, proxychains: bool = False) -> list[str]:
+def missing_requirements(
+    *, iperf: bool = False, proxychains: bool = False, dns: bool = False
+) -> list[str]:
     """What keeps the bed from running here; empty when it can run."""
     missing = []
     if os.geteuid() != 0:
@@ -94,6 +102,8 @@ def missing_requirements(*, iperf: bool = False, proxychains: bool = False) -> l
         needed["iperf3"] = "iperf3"
     if proxychains:
         needed["proxychains4"] = "proxychains4"
+    if dns:
+        needed.update(dnsmasq="dnsmasq-base", dig="dnsutils", tshark="tshark")
     missing += [f"{cmd} (Debian package {pkg})" for cmd, pkg in needed.items() if not which(cmd)]
     return missing
 
@@ -203,7 +213,11 @@ StartTun2socks = Callable[..., Tun2socks]
 class Bed:
     """The namespaces, servers and (on demand) tun2socks processes of one test or bench run."""
 
-    def __init__(self, workdir: Path, *, mtu: int = 1500, iperf: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, mtu: int = 1500, iperf: bool = False, dns: bool = False
+    ) -> None:
+        """dns=True: dnsmasq serves a zone in the server namespace (see dnsbed.py), and the
+        client namespace's resolv.conf points at dnsbed.CLIENT_RESOLVER, which exists nowhere."""
         global _instances
         suffix = f"-{_instances}" if _instances else ""
         _instances += 1
@@ -214,6 +228,7 @@ class Bed:
         self.workdir = workdir
         self.mtu = mtu
         self.iperf = iperf
+        self.dns = dns
         self.tun2socks: Tun2socks | None = None
         self._servers: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._created: list[str] = []  # what down() has to undo: "ns:NAME", "etc:NAME", "user"
@@ -249,7 +264,7 @@ class Bed:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def up(self) -> Bed:
-        missing = missing_requirements(iperf=self.iperf)
+        missing = missing_requirements(iperf=self.iperf, dns=self.dns)
         if missing:
             raise BedError("the bed needs: " + ", ".join(missing))
         reap_stale_beds()
@@ -282,7 +297,8 @@ class Bed:
             etc.mkdir(parents=True, exist_ok=True)
             self._created.append(f"etc:{ns}")
             # `ip netns exec` bind-mounts this over /etc/resolv.conf: lookups stay in the bed
-            (etc / "resolv.conf").write_text(f"nameserver {TARGET_IP}\n")
+            resolver = dnsbed.CLIENT_RESOLVER if self.dns and ns == self.cli_ns else TARGET_IP
+            (etc / "resolv.conf").write_text(f"nameserver {resolver}\n")
             self._ns_sh(ns, ["link", "set", "lo", "up"])
             run(["ip", "netns", "exec", ns, "sysctl", "-qw", *_NS_SYSCTLS], timeout=10)
         run(
@@ -319,6 +335,8 @@ class Bed:
 
     def _danted_config(self, port: int, method: str, log_name: str) -> Path:
         path = self.workdir / f"danted-{port}.conf"
+        # dns=True: CONNECTs by name (SOCKS5 ATYP=DOMAINNAME) to the test zone are logged
+        by_name = "socks pass { from: 0/0 to: .test command: connect\n  log: connect }\n"
         path.write_text(
             f"""logoutput: {self.workdir / log_name}
 internal: {SRV_VETH_IP} port = {port}
@@ -329,10 +347,21 @@ socksmethod: {method}
 user.privileged: root
 user.unprivileged: nobody
 timeout.negotiate: 10
+# UDP: replies from any peer reach the client (endpoint-independent mapping), not only from
+# the destination the client wrote to. The relay's client-side socket gets a large receive
+# buffer (udpassociate rules below), so that a busy machine does not lose datagrams while
+# danted waits for the CPU.
+udp.connectdst: no
 client pass {{ from: 198.18.0.0/15 to: 0/0 }}
 client block {{ from: 0/0 to: 0/0 log: connect error }}
-socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
+{by_name if self.dns else ""}socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
 socks pass {{ from: 0/0 to: fd00:c8::/32 command: connect }}
+socks pass {{ from: 0/0 to: 198.19.0.0/16 command: udpassociate
+  internal.socket.so_rcvbuf: 4194304 }}
+socks pass {{ from: 0/0 to: fd00:c8::/32 command: udpassociate
+  internal.socket.so_rcvbuf: 4194304 }}
+socks pass {{ from: 198.19.0.0/16 to: 0/0 command: udpreply }}
+socks pass {{ from: fd00:c8::/32 to: 0/0 command: udpreply }}
 socks block {{ from: 0/0 to: 0/0 log: connect error }}
 """
         )
@@ -361,6 +390,9 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
         http_args = [sys.executable, str(HTTP_SERVER_SCRIPT), "--bind", "::"]
         self._start_server("httpd", [*http_args, "--port", str(HTTP_PORT)])
         ports = {SOCKS_PORT, SOCKS_AUTH_PORT, HTTP_PORT}
+        if self.dns:
+            self.start_dns_server()
+            ports.add(53)
         if self.iperf:
             self._start_server("iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
             ports.add(IPERF_PORT)
@@ -382,6 +414,85 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
             return (self.workdir / f"{name}.log").read_text(errors="replace")[-1000:]
         except FileNotFoundError:
             return ""
+
+    def start_optional_servers(
+        self, *, udp_echo: bool = False, microsocks: bool = False, iperf: bool = False
+    ) -> None:
+        """Start the optional servers asked for that are not running yet; wait until they listen.
+
+        udp_echo: udptool.py serve on TARGET_IP / TARGET_IP6, ports UDP_ECHO_PORTS (dual stack);
+        microsocks: a SOCKS5 server that refuses UDP ASSOCIATE, on SRV_VETH_IP:MICROSOCKS_PORT;
+        iperf: iperf3 -s on IPERF_PORT (TCP control, TCP or UDP data)."""
+        running = {name for name, proc in self._servers if proc.poll() is None}
+        tcp_ports: set[int] = set()
+        udp_ports: set[int] = set()
+        if udp_echo and "udp-echo" not in running:
+            args = [sys.executable, str(UDP_TOOL_SCRIPT), "serve", *map(str, UDP_ECHO_PORTS)]
+            self._start_server("udp-echo", args)
+            udp_ports.update(UDP_ECHO_PORTS)
+        if microsocks and "microsocks" not in running:
+            binary = which("microsocks") or "microsocks"
+            args = [binary, "-i", SRV_VETH_IP, "-p", str(MICROSOCKS_PORT)]
+            self._start_server("microsocks", args)
+            tcp_ports.add(MICROSOCKS_PORT)
+        if iperf and "iperf3" not in running:
+            self._start_server("iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
+            tcp_ports.add(IPERF_PORT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while tcp_ports or udp_ports:
+            for name, proc in self._servers:
+                if proc.poll() is not None:
+                    raise BedError(f"{name} exited with {proc.returncode}: {self._log_tail(name)}")
+            for waiting, flags in ((tcp_ports, "-Hltn"), (udp_ports, "-Hlun")):
+                listening = self.run_srv(["ss", flags], timeout=10).stdout
+                waiting -= {int(m) for m in re.findall(r":(\d+)\s", listening)}
+            if time.monotonic() > deadline:
+                raise BedError(f"servers not listening on {sorted(tcp_ports | udp_ports)}")
+            time.sleep(0.1)
+
+    # -- DNS (dns=True) ----------------------------------------------------------------------
+
+    @property
+    def dns_log_path(self) -> Path:
+        return self.workdir / "dnsmasq-queries.log"
+
+    def start_dns_server(self) -> None:
+        """dnsmasq in the server namespace (see dnsbed.py); not waited for."""
+        listen = [TARGET_IP, TARGET_IP6, SRV_VETH_IP]
+        binary = which("dnsmasq") or "dnsmasq"
+        args = dnsbed.dnsmasq_args(
+            binary, self.dns_log_path, listen=listen, target_ip=TARGET_IP, target_ip6=TARGET_IP6
+        )
+        self._start_server("dnsmasq", args)
+
+    def dns_server(self) -> subprocess.Popen[bytes]:
+        return next(proc for name, proc in self._servers if name == "dnsmasq")
+
+    def dns_log_text(self) -> str:
+        try:
+            return self.dns_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start_doh_server(self, cert_file: Path, key_file: Path) -> None:
+        """dohserver.py on TARGET_IP and TARGET_IP6, port dnsbed.DOH_PORT, answering from
+        dnsmasq; waits until it listens."""
+        if any(name == "dohd" and proc.poll() is None for name, proc in self._servers):
+            return
+        args = [sys.executable, str(dnsbed.DOH_SERVER_SCRIPT), "--cert", str(cert_file)]
+        args += ["--key", str(key_file), "--bind", TARGET_IP, "--bind", TARGET_IP6]
+        args += ["--port", str(dnsbed.DOH_PORT), "--upstream", f"{TARGET_IP}:53"]
+        self._start_server("dohd", args)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        listening = f"{TARGET_IP}:{dnsbed.DOH_PORT} "
+        while listening not in self.run_srv(["ss", "-Hltn"], timeout=10).stdout:
+            proc = next(proc for name, proc in self._servers if name == "dohd")
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BedError(f"DoH server not listening: {self._log_tail('dohd')}")
+            time.sleep(0.1)
+
+    def doh_log_text(self) -> str:
+        return self._log_tail("dohd")
 
     # -- tun2socks ----------------------------------------------------------------------------
 
@@ -413,9 +524,12 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
         password: str | None = None,
         extra: Mapping[str, Any] | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
+        routes: bool = True,
     ) -> Tun2socks:
         """Start tun2socks in the client namespace (stopping any previous one), wait for its TUN,
-        then route everything but the proxy into it. `password` defaults to the right one."""
+        then route everything but the proxy into it. `password` defaults to the right one.
+        With routes=False the bed adds no route: tun2socks sets its own (route.auto), and it is
+        ready once it logs that it runs."""
         self.stop_tun2socks()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         config_path = log_path.with_suffix(".yaml")
@@ -433,12 +547,68 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
         self.tun2socks = Tun2socks(process, config_path, log_path)
         try:
             self._wait_for_tun(self.tun2socks, ready_timeout)
-            self._ns_sh(self.cli_ns, ["route", "replace", "default", *_via(TUN_GW)])
-            self._ns_sh(self.cli_ns, ["-6", "route", "replace", "default", *_via(TUN_GW6)])
+            if routes:
+                self._ns_sh(self.cli_ns, ["route", "replace", "default", *_via(TUN_GW)])
+                self._ns_sh(self.cli_ns, ["-6", "route", "replace", "default", *_via(TUN_GW6)])
+            else:
+                self.wait_for_log(self.tun2socks, "tun2socks running", ready_timeout)
         except BaseException:
             self.stop_tun2socks()
             raise
         return self.tun2socks
+
+    def wait_for_log(self, t2s: Tun2socks, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in t2s.log_text():
+            if t2s.process.poll() is not None:
+                raise BedError(f"tun2socks exited with {t2s.process.returncode}:\n{t2s.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BedError(f"no {text!r} in the tun2socks log within {timeout} s")
+            time.sleep(0.1)
+
+    def set_uplink(self, up: bool) -> None:
+        """A default route (v4 and v6) from the client namespace via the server's veth, like
+        the gateway of a real LAN; the server namespace forwards nothing beyond itself."""
+        for family, gateway in (("-4", SRV_VETH_IP), ("-6", SRV_VETH_IP6)):
+            if up:
+                self._ns_sh(self.cli_ns, [family, "route", "replace", "default", "via", gateway])
+            else:
+                run(
+                    ["ip", "-n", self.cli_ns, family, "route", "del", "default", "via", gateway],
+                    timeout=10,
+                    check=False,
+                )
+
+    def start_far_proxy(self) -> str:
+        """danted on FAR_PROXY_IP:FAR_PROXY_PORT, an address of the server namespace that the
+        client reaches only through its default route (see set_uplink); its URL. Its
+        connections leave from that address, which the HTTP server's /peer then shows."""
+        if not any(name == "far-proxy" and proc.poll() is None for name, proc in self._servers):
+            self._ns_sh(self.srv_ns, ["addr", "replace", f"{FAR_PROXY_IP}/32", "dev", "lo"])
+            conf = self.workdir / "danted-far.conf"
+            conf.write_text(
+                f"""logoutput: {self.workdir / "danted-far.out"}
+internal: {FAR_PROXY_IP} port = {FAR_PROXY_PORT}
+external: {FAR_PROXY_IP}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 198.18.0.0/15 to: 0/0 }}
+socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
+socks block {{ from: 0/0 to: 0/0 log: connect error }}
+"""
+            )
+            pid_file = str(self.workdir / "danted-far.pid")
+            danted = which("danted") or "danted"
+            self._start_server("far-proxy", [danted, "-f", str(conf), "-p", pid_file, "-N", "1"])
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            listening = f"{FAR_PROXY_IP}:{FAR_PROXY_PORT} "
+            while listening not in self.run_srv(["ss", "-Hltn"], timeout=10).stdout:
+                if time.monotonic() > deadline:
+                    raise BedError(f"far proxy not listening: {self._log_tail('far-proxy')}")
+                time.sleep(0.1)
+        return f"socks5://{FAR_PROXY_IP}:{FAR_PROXY_PORT}"
 
     def _wait_for_tun(self, t2s: Tun2socks, timeout: float) -> None:
         deadline = time.monotonic() + timeout

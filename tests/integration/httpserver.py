@@ -3,6 +3,7 @@
 Routes:
   GET  /small          a short text (SMALL_BODY)
   GET  /bytes/N        N deterministic pseudo-random bytes, streamed in chunks
+  GET  /peer           the client's address as this server sees it (one line)
   POST /upload         reads the body as a stream, answers {"length": N, "sha256": HEX}
                        (PUT is accepted too; Content-Length or chunked bodies)
 
@@ -82,6 +83,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/small":
             self._reply(200, SMALL_BODY)
+            return
+        if self.path == "/peer":  # where the connection comes from (IPv4-mapped shown as v4)
+            peer = str(self.client_address[0]).removeprefix("::ffff:")
+            self._reply(200, peer.encode() + b"\n")
             return
         if self.path.startswith("/bytes/"):
             try:

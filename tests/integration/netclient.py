@@ -8,6 +8,9 @@ Each subcommand prints one JSON object on stdout and exits 0 (failures are data,
   slow-read  GET a large body but read it at a fixed, slow rate for a fixed time, then close.
   hold       open a connection, send an incomplete request (the server waits for the rest),
              print {"connected": true}, then report how the connection ends: reset, eof, timeout.
+  hold-many  open N TCP connections that send nothing (C connects in flight at a time), print
+             {"opened": K, ...}, hold them until a line (or EOF) on stdin or --hold-timeout, then
+             print {"lost": L, ...} (how many the far side closed meanwhile) and close them all.
 
 Every network wait is bounded by a timeout given on the command line.
 """
@@ -20,6 +23,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import resource
 import socket
 import statistics
 import struct
@@ -138,6 +142,8 @@ def cmd_get_many(args: argparse.Namespace) -> dict[str, object]:
             "mean": round(statistics.fmean(lat), 3) if lat else None,
         },
         "errors": sorted(set(result.errors))[:5],
+        # answers slower than --slow-ms (failures are counted in "fail", not here)
+        "slow": sum(1 for ms in lat if ms > args.slow_ms),
     }
 
 
@@ -197,6 +203,79 @@ def cmd_hold(args: argparse.Namespace) -> dict[str, object]:
         return {"result": "data" if data else "eof"}
 
 
+class _Held(asyncio.Protocol):
+    """An idle connection; notes when the far side ends it."""
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+def _raise_nofile_limit(wanted: int) -> None:
+    # each connection is one fd; root may raise the hard limit, others only the soft one
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+        return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+async def _hold_many(args: argparse.Namespace) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    held: list[tuple[asyncio.BaseTransport, _Held]] = []
+    errors: list[str] = []
+    gate = asyncio.Semaphore(args.c)
+
+    async def open_one() -> None:
+        async with gate:
+            try:
+                transport, protocol = await asyncio.wait_for(
+                    loop.create_connection(_Held, args.host, args.port), args.connect_timeout
+                )
+                held.append((transport, protocol))
+            except (OSError, TimeoutError) as exc:
+                errors.append(f"{type(exc).__name__}: {str(exc)[:80]}")
+
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(open_one()) for _ in range(args.n)]
+    _done, pending = await asyncio.wait(tasks, timeout=args.total_timeout)
+    for task in pending:
+        task.cancel()
+        errors.append("total timeout")
+    connect_s = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "opened": len(held),
+                "failed": len(errors),
+                "connect_s": round(connect_s, 3),
+                "errors": sorted(set(errors))[:5],
+            }
+        ),
+        flush=True,
+    )
+    # hold until told: stdin readable means a line or EOF (the driver closed its pipe)
+    told = asyncio.Event()
+    loop.add_reader(sys.stdin.fileno(), told.set)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(told.wait(), args.hold_timeout)
+    loop.remove_reader(sys.stdin.fileno())
+    lost = sum(1 for _, protocol in held if protocol.lost)
+    for transport, _ in held:
+        transport.close()
+    await asyncio.sleep(0)  # let the transports run their close callbacks
+    return {"opened": len(held), "lost": lost}
+
+
+def cmd_hold_many(args: argparse.Namespace) -> dict[str, object]:
+    _raise_nofile_limit(args.n + 256)
+    return asyncio.run(_hold_many(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="clients for the tun2socks integration bed")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     many.add_argument("--expect-sha256", default="")
     many.add_argument("--req-timeout", type=float, default=20.0)
     many.add_argument("--total-timeout", type=float, default=60.0)
+    many.add_argument("--slow-ms", type=float, default=5000.0, help="threshold of 'slow'")
     many.set_defaults(handler=cmd_get_many)
 
     half = sub.add_parser("half-close")
@@ -233,6 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     hold.add_argument("--port", type=int, default=8080)
     hold.add_argument("--timeout", type=float, default=20.0)
     hold.set_defaults(handler=cmd_hold)
+
+    hold_many = sub.add_parser("hold-many")
+    hold_many.add_argument("--host", required=True)
+    hold_many.add_argument("--port", type=int, required=True)
+    hold_many.add_argument("-n", type=int, default=1000)
+    hold_many.add_argument("-c", type=int, default=200, help="connects in flight at a time")
+    hold_many.add_argument("--connect-timeout", type=float, default=15.0)
+    hold_many.add_argument("--total-timeout", type=float, default=120.0, help="connect phase")
+    hold_many.add_argument("--hold-timeout", type=float, default=120.0)
+    hold_many.set_defaults(handler=cmd_hold_many)
 
     args = parser.parse_args(argv)
     try:

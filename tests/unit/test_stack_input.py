@@ -16,6 +16,8 @@ from tcp_helpers import ADDRESSES, Client, established, make_stack, parse_packet
 import tun2socks.net
 from tun2socks.net.checksum import checksum, pseudo_header_sum
 from tun2socks.net.events import DatagramReceived, FlowRequested
+from tun2socks.net.icmp import IcmpMessage
+from tun2socks.net.icmp_responder import IcmpResponder
 from tun2socks.net.ip import (
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -111,10 +113,13 @@ def test_bad_ipv4_header_checksum_is_dropped() -> None:
     assert drops_after(bytes(packet)) == {"bad_ip_checksum": 1}
 
 
-def test_ipv4_fragment_is_dropped() -> None:
+def test_ipv4_fragment_is_held_for_reassembly() -> None:
     packet = bytearray(syn_packet())
-    packet[6] |= 0x20  # More Fragments
-    assert drops_after(with_ipv4_checksum(bytes(packet))) == {"fragment": 1}
+    packet[6] |= 0x20  # More Fragments: the rest is still to come
+    stack = make_stack()
+    stack.receive_packet(with_ipv4_checksum(bytes(packet)), 0.0)
+    assert stack.next_event() is None and not stack.drops
+    assert len(stack.reassembler) == 1
 
 
 def test_ipv4_dont_fragment_is_not_a_fragment() -> None:
@@ -123,9 +128,13 @@ def test_ipv4_dont_fragment_is_not_a_fragment() -> None:
     assert isinstance(stack.next_event(), FlowRequested)
 
 
-def test_ipv6_fragment_header_is_dropped() -> None:
+def test_ipv6_atomic_fragment_is_processed_at_once() -> None:
+    # A fragment header with offset 0 and M clear (RFC 6946): the packet is complete.
     packet = with_ipv6_extension(syn_packet(6), 44, bytes(7))
-    assert drops_after(packet) == {"fragment": 1}
+    stack = make_stack()
+    stack.receive_packet(packet, 0.0)
+    assert isinstance(stack.next_event(), FlowRequested)
+    assert not stack.drops
 
 
 @pytest.mark.parametrize("kind", [0, 43, 60])  # hop-by-hop, routing, destination options
@@ -149,16 +158,15 @@ def test_ipv6_no_next_header_is_dropped() -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "protocol", "reason"),
+    ("version", "icmp_type", "reason"),
     [
-        (4, PROTO_ICMP, "unsupported_protocol"),
-        (6, PROTO_ICMPV6, "ipv6_control"),
+        (4, 0, "icmp_ignored"),  # an echo reply: nothing to answer
+        (6, 135, "ipv6_control"),  # neighbour solicitation
     ],
 )
-def test_non_tcp_protocols_are_counted_as_drops(version: int, protocol: int, reason: str) -> None:
+def test_unanswered_icmp_is_counted_as_drops(version: int, icmp_type: int, reason: str) -> None:
     src, dst = ADDRESSES[version]
-    body = bytes(8)
-    packet = build_ip_header(version, src, dst, protocol, len(body)) + body
+    packet = IcmpMessage(icmp_type, 0, bytes(4), b"").build(version, src, dst)
     assert drops_after(packet) == {reason: 1}
 
 
@@ -271,17 +279,25 @@ def test_trusted_checksum_skips_tcp_checksum() -> None:
 
 def _check_output_parses(packets: list[bytes], version: int) -> None:
     for data in packets:
-        parse_packet(data, version)
+        if IpPacket.parse(data).protocol in (PROTO_ICMP, PROTO_ICMPV6):
+            IcmpMessage.parse(IpPacket.parse(data))  # an echo reply or an error, checksum valid
+        else:
+            parse_packet(data, version)
 
 
 def _drop_reason(data: bytes) -> str | None:
-    """What the stack must count for `data`, from the parsers alone; None if it is TCP."""
+    """What the stack must count for `data`, from the parsers alone; None if it is TCP, UDP,
+    a fragment (the reassembler counts its own drops) or an answered echo request."""
     try:
         packet = IpPacket.parse(data)
         if packet.fragment:
-            return "fragment"
-        if packet.protocol == PROTO_ICMPV6:
-            return "ipv6_control"
+            return None
+        if packet.protocol == PROTO_UDP:
+            UdpDatagram.parse(packet)
+            return None
+        if packet.protocol == (PROTO_ICMP if packet.version == 4 else PROTO_ICMPV6):
+            IcmpResponder().receive(packet)
+            return None
         if packet.protocol != PROTO_TCP:
             return "unsupported_protocol"
         TcpSegment.parse(packet)

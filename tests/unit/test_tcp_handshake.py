@@ -92,16 +92,64 @@ def test_listen_rst_resets_flow() -> None:
     assert c.stack.flow_count == 0
 
 
-def test_listen_max_half_open_answers_extra_syn_with_rst() -> None:
+def test_listen_over_half_open_cap_answers_from_the_syn_cache() -> None:
+    """Over the cap a SYN gets a SYN-ACK at once and no upstream (a SYN flood costs nothing)."""
     stack = make_stack(max_half_open=2)
     for port in (1000, 1001):
         syn_sent(Client(stack, port=port))
     extra = Client(stack, port=1002)
     extra.send_syn()
-    check(extra.output_one(), flags=RST | ACK, ack=wrap(extra.iss + 1))
-    assert extra.events() == []
-    assert stack.flow_count == 2
+    syn_ack = extra.output_one()
+    check(syn_ack, flags=SYN | ACK, ack=wrap(extra.iss + 1))
+    assert extra.events() == []  # no FlowRequested until the client proves it is real
     assert stack.drops["half_open_limit"] == 1
+
+
+def test_syn_cache_flow_is_requested_once_the_handshake_completes() -> None:
+    stack = make_stack(max_half_open=1)
+    syn_sent(Client(stack, port=1000))
+    extra = Client(stack, port=1001)
+    extra.send_syn()
+    syn_ack = extra.output_one()
+    extra.snd_nxt = wrap(extra.iss + 1)
+    extra.rcv_nxt = wrap(syn_ack.seq + 1)
+    extra.send_data(b"early")
+    events = extra.events()
+    assert isinstance(events[-1], FlowRequested) and events[-1].src_port == 1001, events
+    extra.flow_id = events[-1].flow_id
+    assert extra.state is TcpState.ESTABLISHED
+    stack.accept(extra.flow_id, extra.now)  # the upstream connected: nothing more to do
+    assert stack.receive(extra.flow_id) == b"early"
+
+
+def test_syn_cache_flow_whose_upstream_fails_is_reset() -> None:
+    stack = make_stack(max_half_open=1)
+    syn_sent(Client(stack, port=1000))
+    extra = Client(stack, port=1001)
+    extra.send_syn()
+    syn_ack = extra.output_one()
+    extra.snd_nxt = wrap(extra.iss + 1)
+    extra.rcv_nxt = wrap(syn_ack.seq + 1)
+    extra.send()
+    [requested] = extra.events()
+    assert isinstance(requested, FlowRequested)
+    extra.output()
+    stack.reject(requested.flow_id)
+    check(extra.output_one(), flags=RST | ACK)
+    assert stack.connection(requested.flow_id) is None
+
+
+def test_syn_cache_is_bounded_oldest_evicted_with_rst() -> None:
+    stack = make_stack(max_half_open=1, max_syn_cache=2)
+    syn_sent(Client(stack, port=1000))
+    flood = [Client(stack, port=2000 + i) for i in range(3)]
+    for client in flood[:2]:
+        client.send_syn()
+        check(client.output_one(), flags=SYN | ACK)
+    flood[2].send_syn()
+    replies = {segment.dst_port: segment.flags for segment in flood[2].output()}
+    assert replies == {2000: RST | ACK, 2002: SYN | ACK}
+    assert stack.flow_count == 1 + 2  # the held SYN and a cache of two
 
 
 def test_listen_established_flows_do_not_count_as_half_open() -> None:

@@ -15,11 +15,14 @@ nothing is answered until `accept` (SYN-ACK) or `reject` (RST).  Caps on flows a
 half-open flows answer extra SYNs with RST, so a SYN flood cannot grow memory.
 
 Bad input never raises: a packet that does not parse is counted in `drops` by reason.
-Protocols the stack does not carry yet are counted as dropped too.
+Fragments are reassembled first (`fragments.py`), bounded in memory and time.  UDP becomes
+`DatagramReceived` events; replies larger than the MTU leave as fragments.  ICMP echo is
+answered here and other protocols get an ICMP error (`icmp_responder.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import ipaddress
 import random
@@ -27,9 +30,12 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from tun2socks.net.events import DatagramReceived, Event, FlowRequested, IPAddress
+from tun2socks.net.fragments import Fragmenter, Reassembler
+from tun2socks.net.icmp_responder import IcmpResponder
 from tun2socks.net.ip import (
     IPV4_HEADER_LEN,
     IPV6_HEADER_LEN,
+    PROTO_ICMP,
     PROTO_ICMPV6,
     PROTO_TCP,
     PROTO_UDP,
@@ -53,8 +59,12 @@ class StackConfig:
     send_buffer: int = 256 * 1024
     max_flows: int = 10_000
     max_half_open: int = 1_000
+    max_syn_cache: int = 4_096  # SYNs answered over max_half_open, awaiting the client's ACK
     idle_timeout: float = 600.0
     time_wait: float = 2.0
+    icmp_echo: bool = True  # answer echo requests (ping) locally
+    reassembly_memory: int = 4 * 1024 * 1024  # bytes held by incomplete fragmented datagrams
+    reassembly_timeout: float = 30.0  # seconds to complete one (Linux's ipfrag_time)
 
     def tcp_config(self, version: int) -> TcpConfig:
         ip_header = IPV4_HEADER_LEN if version == 4 else IPV6_HEADER_LEN
@@ -77,6 +87,14 @@ class Stack:
     def __init__(self, config: StackConfig, rng: random.Random | None = None) -> None:
         self.config = config
         self._tcp_config = {4: config.tcp_config(4), 6: config.tcp_config(6)}
+        # Over the half-open cap, SYNs are answered at once from a bounded SYN cache (as
+        # FreeBSD's syncache): one SYN-ACK retry, and no upstream until the client completes
+        # the handshake, so spoofed SYNs cost one small object and one packet each.
+        self._early_config = {
+            v: dataclasses.replace(c, max_syn_ack_retransmissions=1)
+            for v, c in self._tcp_config.items()
+        }
+        self._early: dict[int, TcpConnection] = {}  # insertion order: oldest first
         self._rng = rng or random.Random()
         self._flows: dict[FourTuple, TcpConnection] = {}
         self._by_id: dict[int, TcpConnection] = {}
@@ -91,6 +109,11 @@ class Stack:
         self.drops: Counter[str] = Counter()
         self.packets_in = 0
         self.flows_total = 0
+        self.reassembler = Reassembler(
+            config.reassembly_memory, config.reassembly_timeout, self.drops
+        )
+        self.fragmenter = Fragmenter(config.mtu, self._rng.getrandbits(32))
+        self.icmp = IcmpResponder(echo_reply=config.icmp_echo)
 
     # ---------------------------------------------------------------- driving
 
@@ -102,16 +125,20 @@ class Stack:
         try:
             packet = IpPacket.parse(data)
             if packet.fragment:
-                raise MalformedPacket("fragment")
+                whole = self.reassembler.add(data, now)
+                if whole is None:
+                    return
+                # A reassembled datagram's checksum was never offloaded: verify it.
+                data, checksum_trusted = whole, False
+                packet = IpPacket.parse(whole)
+                if packet.fragment:
+                    raise MalformedPacket("bad_fragment")  # a fragment inside a fragment
             if packet.protocol == PROTO_UDP:
                 self._receive_udp(packet, checksum_trusted)
                 return
             if packet.protocol != PROTO_TCP:
-                # ICMPv6 neighbour discovery and router solicitations arrive as soon as the
-                # link is up: expected noise, counted apart from real drops.
-                raise MalformedPacket(
-                    "ipv6_control" if packet.protocol == PROTO_ICMPV6 else "unsupported_protocol"
-                )
+                self._receive_other(packet, data, now, checksum_trusted)
+                return
             segment = TcpSegment.parse(packet, checksum_trusted)
         except MalformedPacket as exc:
             self.drops[exc.reason] += 1
@@ -125,9 +152,31 @@ class Stack:
         if src.version != dst.version:
             raise ValueError("source and destination address families differ")
         datagram = UdpDatagram(src_port, dst_port, payload)
-        self._out.append(
-            datagram.build(src.version, src.packed, dst.packed, offload=self.config.offload)
+        packet = datagram.build(src.version, src.packed, dst.packed, offload=self.config.offload)
+        if len(packet) > self.config.mtu:
+            # Only whole packets get an offloaded checksum finished: compute it before cutting.
+            packet = datagram.build(src.version, src.packed, dst.packed)
+            self._out.extend(self.fragmenter.split(packet))
+            return
+        self._out.append(packet)
+
+    def refuse_datagram(
+        self, datagram: DatagramReceived, now: float, *, mtu: int | None = None
+    ) -> None:
+        """Answer a client's datagram that cannot be carried with an ICMP error: port
+        unreachable, or with `mtu` (the largest packet that could pass) fragmentation needed
+        (IPv4) / packet too big (IPv6). Rate limited; never about multicast or broadcast."""
+        # The error quotes the datagram: rebuilt from the event, the client matches it by
+        # addresses and ports.
+        original = UdpDatagram(datagram.src_port, datagram.dst_port, datagram.payload).build(
+            datagram.src.version, datagram.src.packed, datagram.dst.packed
         )
+        if mtu is None:
+            error = self.icmp.port_unreachable(original, now)
+        else:
+            error = self.icmp.too_big(original, mtu, now)
+        if error is not None:
+            self._out.extend(self.fragmenter.split(error))
 
     def packets_to_send(self, now: float) -> list[bytes]:
         """Flush every flow touched since the last call; return the packets for the TUN."""
@@ -150,7 +199,14 @@ class Stack:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        """The earliest deadline of any flow, or None."""
+        """The earliest deadline of any flow or of fragment reassembly, or None."""
+        flows = self._flow_deadline()
+        fragments = self.reassembler.deadline
+        if fragments is None or (flows is not None and flows <= fragments):
+            return flows
+        return fragments
+
+    def _flow_deadline(self) -> float | None:
         timers = self._timers
         while timers:
             deadline, flow_id = timers[0]
@@ -160,6 +216,8 @@ class Stack:
         return None
 
     def handle_timer(self, now: float) -> None:
+        if self.reassembler:
+            self.reassembler.expire(now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, flow_id = heapq.heappop(timers)
@@ -182,6 +240,9 @@ class Stack:
         conn = self._by_id.get(flow_id)
         if conn is not None and conn.state is TcpState.LISTEN:
             conn.reject()
+            self._after(conn)
+        elif conn is not None:
+            conn.abort()  # a flow from the SYN cache: the handshake is done, reset it
             self._after(conn)
 
     def send(self, flow_id: int, data: bytes | bytearray | memoryview) -> int:
@@ -227,6 +288,18 @@ class Stack:
     def half_open_count(self) -> int:
         return len(self._half_open)
 
+    def ip_stats(self) -> dict[str, int]:
+        """Counters of fragments and ICMP (the API shows them; drops are in `drops`)."""
+        return {
+            "fragments_reassembled": self.reassembler.reassembled,
+            "fragments_pending": len(self.reassembler),
+            "reassembly_memory": self.reassembler.memory,
+            "datagrams_fragmented": self.fragmenter.fragmented,
+            "icmp_echo_replies": self.icmp.echo_replies,
+            "icmp_errors_sent": self.icmp.errors_sent,
+            "icmp_errors_limited": self.icmp.errors_limited,
+        }
+
     def close_all(self) -> None:
         """Reset every flow (shutdown of the program)."""
         for conn in list(self._by_id.values()):
@@ -234,6 +307,19 @@ class Stack:
             self._after(conn)
 
     # ---------------------------------------------------------------- internals
+
+    def _receive_other(
+        self, packet: IpPacket, data: bytes | memoryview, now: float, checksum_trusted: bool
+    ) -> None:
+        """ICMP: echo answered, the rest counted. Other protocols: an ICMP error, so that the
+        sender knows at once (raises MalformedPacket to count a drop)."""
+        if packet.protocol == (PROTO_ICMP if packet.version == 4 else PROTO_ICMPV6):
+            reply: bytes | None = self.icmp.receive(packet, checksum_trusted)
+        else:
+            self.drops["unsupported_protocol"] += 1
+            reply = self.icmp.protocol_unreachable(data, now)
+        if reply is not None:
+            self._out.extend(self.fragmenter.split(reply))
 
     def _receive_udp(self, packet: IpPacket, checksum_trusted: bool) -> None:
         datagram = UdpDatagram.parse(packet, checksum_trusted)
@@ -267,19 +353,22 @@ class Stack:
             self._send_reset(packet, seg)  # RFC 9293 3.10.7.1, CLOSED
             self.drops["no_flow"] += 1
             return
-        if len(self._by_id) >= self.config.max_flows:
+        if len(self._by_id) - len(self._early) >= self.config.max_flows:
             self.drops["flow_limit"] += 1
             self._send_reset(packet, seg)
             return
-        if len(self._half_open) >= self.config.max_half_open:
+        early = len(self._half_open) >= self.config.max_half_open
+        if early:
             self.drops["half_open_limit"] += 1
-            self._send_reset(packet, seg)
-            return
+            if len(self._early) >= self.config.max_syn_cache:
+                oldest = next(iter(self._early.values()))
+                oldest.abort()
+                self._after(oldest)
         flow_id = self._next_id
         self._next_id += 1
         conn = TcpConnection(
             flow_id,
-            self._tcp_config[packet.version],
+            (self._early_config if early else self._tcp_config)[packet.version],
             packet.version,
             (packet.src, seg.src_port),
             (packet.dst, seg.dst_port),
@@ -293,24 +382,35 @@ class Stack:
         self._by_id[flow_id] = conn
         self._keys[flow_id] = key
         self.flows_total += 1
+        if early:
+            self._early[flow_id] = conn
+            conn.accept(now)
+        else:
+            self._request(conn)
+        self._after(conn)
+
+    def _request(self, conn: TcpConnection) -> None:
         self._events.append(
             FlowRequested(
-                flow_id,
-                ipaddress.ip_address(packet.src),
-                seg.src_port,
-                ipaddress.ip_address(packet.dst),
-                seg.dst_port,
+                conn.flow_id,
+                ipaddress.ip_address(conn.remote_addr),
+                conn.remote_port,
+                ipaddress.ip_address(conn.local_addr),
+                conn.local_port,
             )
         )
-        self._after(conn)
 
     def _after(self, conn: TcpConnection) -> None:
         """Bookkeeping after anything happened to `conn`: output, timer, half-open, close."""
         flow_id = conn.flow_id
+        if flow_id in self._early and conn.state is not TcpState.SYN_RECEIVED:
+            del self._early[flow_id]
+            if conn.state is not TcpState.CLOSED:
+                self._request(conn)  # a real client: now the upstream
         if conn.state is TcpState.CLOSED:
             self._remove(conn)
             return
-        if conn.half_open:
+        if conn.half_open and flow_id not in self._early:
             self._half_open.add(flow_id)
         else:
             self._half_open.discard(flow_id)
@@ -333,6 +433,7 @@ class Stack:
             del self._flows[key]
         self._by_id.pop(flow_id, None)
         self._half_open.discard(flow_id)
+        self._early.pop(flow_id, None)
         self._dirty.pop(flow_id, None)
         self._scheduled.pop(flow_id, None)
 

@@ -35,10 +35,12 @@ class Socks5Dialer:
         *,
         timeout: float,
         prepare_socket: Callable[[socket.socket], None] | None = None,
+        pipeline: bool = True,
     ) -> None:
         self.proxy = proxy
         self.timeout = timeout
         self.prepare_socket = prepare_socket
+        self.pipeline = pipeline  # False for servers that read one message per recv (microsocks)
 
     async def dial(self, flow: FlowRequested) -> socket.socket:
         return await self.dial_host(flow.dst, flow.dst_port)
@@ -46,6 +48,11 @@ class Socks5Dialer:
     async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
         """A connection to `host` (an address, or a name the proxy resolves) and `port`."""
         sock, _bound = await socks5.connect(
-            self.proxy, host, port, timeout=self.timeout, prepare_socket=self.prepare_socket
+            self.proxy,
+            host,
+            port,
+            timeout=self.timeout,
+            pipeline=self.pipeline,
+            prepare_socket=self.prepare_socket,
         )
         return sock

@@ -188,12 +188,46 @@ async def connect(
     Raises a ``Socks5Error`` subclass on failure; ``ValueError`` for an unusable destination
     (a port out of range, a name longer than 255 bytes).
     """
-    request = build_request(Command.CONNECT, dst_host, dst_port)
-    attempt = _Attempt(proxy, "CONNECT", format_host_port(dst_host, dst_port))
+    return await request(
+        proxy,
+        Command.CONNECT,
+        dst_host,
+        dst_port,
+        timeout=timeout,
+        pipeline=pipeline,
+        prepare_socket=prepare_socket,
+    )
+
+
+async def request(
+    proxy: ProxyEndpoint,
+    command: Command,
+    dst_host: str | IPv4Address | IPv6Address,
+    dst_port: int,
+    *,
+    timeout: float,
+    pipeline: bool = True,
+    prepare_socket: SocketHook | None = None,
+    address_from_socket: Callable[[socket.socket], tuple[str, int]] | None = None,
+) -> tuple[socket.socket, tuple[str, int]]:
+    """The driver behind ``connect`` and UDP ASSOCIATE: the control socket and the bound address.
+
+    ``address_from_socket``, when given, is called with the control socket once it is connected
+    and returns the DST.ADDR/DST.PORT to send instead of ``dst_host:dst_port``: UDP ASSOCIATE
+    names the client's own UDP endpoint, which depends on the local address of that socket.
+    """
+    command_name = command.name.replace("_", " ")
+    request_bytes = build_request(command, dst_host, dst_port)
+    attempt = _Attempt(proxy, command_name, format_host_port(dst_host, dst_port))
     try:
         async with asyncio.timeout(timeout):
             await attempt.connect_to_proxy(prepare_socket)
-            bound = await attempt.negotiate(request, pipeline=pipeline)
+            if address_from_socket is not None:
+                assert attempt.sock is not None
+                host, port = address_from_socket(attempt.sock)
+                request_bytes = build_request(command, host, port)
+                attempt.target = format_host_port(host, port)
+            bound = await attempt.negotiate(request_bytes, pipeline=pipeline)
     except TimeoutError:
         attempt.close()
         raise attempt.error(
@@ -362,4 +396,5 @@ __all__ = [
     "Socks5Timeout",
     "connect",
     "format_host_port",
+    "request",
 ]

@@ -264,6 +264,34 @@ def parse_address(data: Buffer, offset: int = 0) -> tuple[str, int, int] | None:
         raise Socks5WireError("domain name in address is not ASCII") from None
 
 
+# --- UDP relay datagrams (RFC 1928 section 7) --------------------------------------------------
+
+
+def build_udp_datagram(host: Host, port: int, payload: Buffer) -> bytes:
+    """RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA: one datagram for the proxy's UDP relay.
+
+    FRAG is always 0: we never fragment at the SOCKS layer (section 7 makes it optional).
+    """
+    return b"\0\0\0" + encode_address(host, port) + bytes(payload)
+
+
+def parse_udp_datagram(data: Buffer) -> tuple[str, int, memoryview]:
+    """(host, port, payload) of a datagram from the relay; the address is the remote peer's.
+
+    Raises ``Socks5WireError`` for a truncated header or FRAG other than 0: section 7 says an
+    implementation that does not reassemble MUST drop such datagrams.
+    """
+    if len(data) < 4:
+        raise Socks5WireError(f"UDP relay datagram of {len(data)} bytes is shorter than a header")
+    if data[2] != 0:
+        raise Socks5WireError(f"UDP relay datagram is a SOCKS fragment (FRAG {data[2]})")
+    parsed = parse_address(data, 3)
+    if parsed is None:
+        raise Socks5WireError("UDP relay datagram ends inside its address")
+    host, port, end = parsed
+    return host, port, memoryview(data)[end:]
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 
@@ -325,11 +353,13 @@ __all__ = [
     "build_reply",
     "build_request",
     "build_udp_associate",
+    "build_udp_datagram",
     "describe_reply",
     "encode_address",
     "parse_address",
     "parse_auth_reply",
     "parse_method_selection",
     "parse_reply",
+    "parse_udp_datagram",
     "reply_bytes_missing",
 ]

@@ -1,0 +1,129 @@
+"""``udp://`` upstreams: DNS over UDP through one SOCKS5 UDP ASSOCIATE (asyncio).
+
+One association per upstream, opened on the first query and reused: queries go out with an ID
+unused among those in flight, answers come back through ``on_datagram`` and are matched by ID
+and by their source (the upstream's address and port: datagrams from anyone else are ignored).
+When the association ends (the proxy closed its control connection), queries in flight fail
+and the next query opens a new one; after ``idle_timeout`` without queries it is closed.
+
+A proxy without UDP ASSOCIATE (reply 7, "command not supported") makes ``exchange`` raise
+``UdpUnsupported``, and ``UdpUpstream`` switches that upstream to TCP through the proxy.
+The association client itself is ``tun2socks.outbound.socks5_udp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from tun2socks.outbound.socks5 import Socks5ReplyError
+from tun2socks.outbound.socks5_udp import UdpAssociation
+
+from .upstreams import UdpUnsupported
+
+IPAddress = IPv4Address | IPv6Address
+OnDatagram = Callable[[str, int, bytes], None]
+OnClose = Callable[[str], None]
+Associate = Callable[[OnDatagram, OnClose], Awaitable[UdpAssociation]]
+
+COMMAND_NOT_SUPPORTED = 7  # RFC 1928 section 6
+
+
+class SocksUdpExchange:
+    def __init__(
+        self, server: IPAddress, port: int, associate: Associate, *, idle_timeout: float = 60.0
+    ) -> None:
+        self.server = server
+        self.port = port
+        self._associate = associate
+        self._idle_timeout = idle_timeout
+        self._association: UdpAssociation | None = None
+        self._opening: asyncio.Task[UdpAssociation] | None = None
+        self._waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    async def __call__(self, request: bytes) -> bytes:
+        association = await self._current()
+        loop = asyncio.get_running_loop()
+        while True:
+            message_id = secrets.randbelow(0x10000)
+            if message_id not in self._waiters:
+                break
+        waiter: asyncio.Future[bytes] = loop.create_future()
+        self._waiters[message_id] = waiter
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        try:
+            if not association.send(
+                str(self.server), self.port, message_id.to_bytes(2, "big") + request[2:]
+            ):
+                raise ConnectionResetError("the UDP association dropped the query")
+            return await waiter
+        finally:
+            if self._waiters.get(message_id) is waiter:
+                del self._waiters[message_id]
+            if not self._waiters:
+                self._idle_timer = loop.call_later(self._idle_timeout, self._close_if_idle)
+
+    async def _current(self) -> UdpAssociation:
+        if self._association is not None and not self._association.closed:
+            return self._association
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open())
+            self._opening.add_done_callback(_consume_outcome)
+        opening = self._opening
+        try:
+            return await asyncio.shield(opening)
+        finally:
+            if opening.done() and self._opening is opening:
+                self._opening = None
+
+    async def _open(self) -> UdpAssociation:
+        try:
+            association = await self._associate(self._on_datagram, self._on_close)
+        except Socks5ReplyError as exc:
+            if exc.reply_code == COMMAND_NOT_SUPPORTED:
+                raise UdpUnsupported("the proxy does not support UDP ASSOCIATE") from None
+            raise
+        self._association = association
+        return association
+
+    def _on_datagram(self, host: str, port: int, payload: bytes) -> None:
+        try:
+            source = ip_address(host)
+        except ValueError:
+            return
+        if source != self.server or port != self.port or len(payload) < 12 or not payload[2] & 0x80:
+            return
+        waiter = self._waiters.pop(int.from_bytes(payload[:2], "big"), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(payload)
+
+    def _on_close(self, reason: str) -> None:
+        self._association = None
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError(f"UDP association ended: {reason}"))
+        self._waiters.clear()
+
+    def _close_if_idle(self) -> None:
+        if not self._waiters and self._association is not None:
+            self._association.close()
+            self._association = None
+
+    async def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._association is not None:
+            self._association.close()
+            self._association = None
+
+
+def _consume_outcome(task: asyncio.Task[UdpAssociation]) -> None:
+    if not task.cancelled():
+        task.exception()

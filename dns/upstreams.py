@@ -1,0 +1,332 @@
+"""How the forwarder reaches upstream resolvers: DNS over TCP and over UDP (asyncio).
+
+Every upstream has ``label`` (for logs), ``async query(request) -> bytes`` and ``async close()``.
+``request`` is a whole DNS message; an upstream may change its ID on the wire (pipelined TCP
+needs IDs unique per connection, UDP wants unpredictable ones) and returns the raw answer,
+which the forwarder checks against the question, not the ID. A failure raises (``OSError``,
+``Socks5Error``, ``UpstreamError``); timeouts are the caller's (it cancels).
+
+- ``TcpUpstream``: RFC 7766. One connection, opened on demand by a ``connect`` callable (through
+  the SOCKS5 proxy, or a plain socket), kept while queries flow and closed after
+  ``idle_timeout``; queries are pipelined on it and matched to answers by ID, so answers may
+  come back in any order. A reused connection that the server closed meanwhile (it may, RFC
+  7766 section 6.2.3) costs one retry on a new one.
+- ``UdpUpstream``: a query over UDP by an ``exchange`` callable (a fresh plain socket per query
+  for ``direct://``: a random source port and ID resist spoofing; a SOCKS5 UDP association for
+  ``udp://``, see ``socks_udp.py``); an answer with TC set is asked again over TCP (RFC 7766
+  section 5), counted in ``tcp_retries``.
+- ``DestinationUpstreams``: with no upstream configured, a query goes to the address it was
+  sent to, over TCP through the proxy: one ``TcpUpstream`` per such address (a few, LRU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
+
+log = logging.getLogger("tun2socks.dns")
+
+IPAddress = IPv4Address | IPv6Address
+Connect = Callable[[], Awaitable[socket.socket]]
+Exchange = Callable[[bytes], Awaitable[bytes]]
+
+TCP_IDLE_TIMEOUT = 30.0  # seconds an idle upstream connection is kept (RFC 7766 section 6.2.3)
+MAX_UDP_ANSWER = 65535
+MAX_DESTINATIONS = 16
+
+
+class UpstreamError(Exception):
+    """An upstream answered something unusable (HTTP error, garbage, closed mid-answer)."""
+
+
+class Upstream(Protocol):
+    label: str
+
+    async def query(self, request: bytes) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+class _DnsStream(asyncio.Protocol):
+    """One TCP connection to an upstream: length-prefixed messages, answers matched by ID."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.answered = 0
+        self._buffer = bytearray()
+        self._waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 2:
+            size = int.from_bytes(buffer[:2], "big")
+            if len(buffer) < 2 + size:
+                break
+            message = bytes(buffer[2 : 2 + size])
+            del buffer[: 2 + size]
+            if len(message) < 2:
+                continue
+            waiter = self._waiters.pop(int.from_bytes(message[:2], "big"), None)
+            if waiter is not None and not waiter.done():
+                self.answered += 1
+                waiter.set_result(message)
+        if not self._waiters:
+            self._arm_idle_timer()
+
+    def eof_received(self) -> bool:
+        return False  # the server is done with us: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        reason = f"connection closed: {exc}" if exc else "connection closed by the server"
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError(reason))
+        self._waiters.clear()
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = self.loop.call_later(self._idle_timeout, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if not self._waiters and self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, request: bytes) -> bytes:
+        if self.closed or self.transport is None:
+            raise ConnectionResetError("connection closed")
+        message_id = _unused_id(self._waiters)
+        waiter: asyncio.Future[bytes] = self.loop.create_future()
+        self._waiters[message_id] = waiter
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        wire = message_id.to_bytes(2, "big") + request[2:]
+        self.transport.write(len(wire).to_bytes(2, "big") + wire)
+        try:
+            return await waiter
+        finally:
+            if self._waiters.get(message_id) is waiter:
+                del self._waiters[message_id]
+            if not self._waiters and not self.closed:
+                self._arm_idle_timer()
+
+
+def _unused_id(taken: dict[int, asyncio.Future[bytes]]) -> int:
+    while True:
+        candidate = secrets.randbelow(0x10000)
+        if candidate not in taken:
+            return candidate
+
+
+class TcpUpstream:
+    def __init__(
+        self, label: str, connect: Connect, *, idle_timeout: float = TCP_IDLE_TIMEOUT
+    ) -> None:
+        self.label = label
+        self._connect = connect
+        self._idle_timeout = idle_timeout
+        self._stream: _DnsStream | None = None
+        self._opening: asyncio.Task[_DnsStream] | None = None
+
+    async def query(self, request: bytes) -> bytes:
+        stream = await self._current()
+        try:
+            return await stream.exchange(request)
+        except ConnectionResetError:
+            if stream.answered == 0:
+                raise
+        # The server closed a connection that had served us: ask once more on a new one.
+        stream = await self._current()
+        return await stream.exchange(request)
+
+    async def _current(self) -> _DnsStream:
+        if self._stream is not None and not self._stream.closed:
+            return self._stream
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open())
+            # Read its outcome even when every query waiting for it gave up.
+            self._opening.add_done_callback(_consume_outcome)
+        opening = self._opening
+        try:
+            # shield: a query that gives up must not abort the connection others wait for
+            return await asyncio.shield(opening)
+        finally:
+            if opening.done() and self._opening is opening:
+                self._opening = None
+
+    async def _open(self) -> _DnsStream:
+        sock = await self._connect()
+        loop = asyncio.get_running_loop()
+        try:
+            _, stream = await loop.create_connection(
+                lambda: _DnsStream(self._idle_timeout), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self._stream = stream
+        return stream
+
+    async def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            with contextlib.suppress(BaseException):
+                await self._opening
+        if self._stream is not None:
+            self._stream.close()
+
+
+def _consume_outcome(task: asyncio.Task[_DnsStream]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class UdpUnsupported(Exception):
+    """The way to send UDP is not available (the proxy refused UDP ASSOCIATE)."""
+
+
+class UdpUpstream:
+    """DNS over UDP by ``exchange``, and over ``tcp`` when the answer is truncated.
+
+    When ``exchange`` raises ``UdpUnsupported`` every query goes over TCP from then on.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        exchange: Exchange,
+        tcp: TcpUpstream,
+        *,
+        close_exchange: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.label = label
+        self._exchange = exchange
+        self._close_exchange = close_exchange
+        self._tcp = tcp
+        self.tcp_retries = 0
+        self.udp_unsupported = False
+
+    async def query(self, request: bytes) -> bytes:
+        if not self.udp_unsupported:
+            try:
+                answer = await self._exchange(request)
+            except UdpUnsupported as exc:
+                self.udp_unsupported = True
+                log.warning("dns upstream %s: %s; using TCP instead", self.label, exc)
+            else:
+                if not answer[2] & 0x02:
+                    return answer
+                self.tcp_retries += 1  # TC: the answer did not fit in a datagram
+        return await self._tcp.query(request)
+
+    async def close(self) -> None:
+        if self._close_exchange is not None:
+            await self._close_exchange()
+        await self._tcp.close()
+
+
+def plain_udp_exchange(
+    address: IPAddress, port: int, prepare_socket: Callable[[socket.socket], None] | None
+) -> Exchange:
+    """An ``Exchange`` on a fresh plain UDP socket per query, for ``direct://``."""
+
+    async def exchange(request: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        sock = _plain_socket(address, socket.SOCK_DGRAM, prepare_socket)
+        try:
+            await loop.sock_connect(sock, (str(address), port))
+            message_id = secrets.randbelow(0x10000).to_bytes(2, "big")
+            await loop.sock_sendall(sock, message_id + request[2:])
+            while True:  # ends with an answer, or when the caller cancels (its timeout)
+                data = await loop.sock_recv(sock, MAX_UDP_ANSWER)
+                # Anything else is late, stray or spoofed: ignore it and keep waiting.
+                if len(data) >= 12 and data[:2] == message_id and data[2] & 0x80:
+                    return data
+        finally:
+            sock.close()
+
+    return exchange
+
+
+class DestinationUpstreams:
+    """A ``TcpUpstream`` per resolver address the clients write to (bounded, LRU)."""
+
+    def __init__(self, make: Callable[[IPAddress], TcpUpstream], size: int = MAX_DESTINATIONS):
+        self._make = make
+        self._size = size
+        self._upstreams: OrderedDict[IPAddress, TcpUpstream] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def for_destination(self, address: IPAddress) -> TcpUpstream:
+        upstream = self._upstreams.get(address)
+        if upstream is None:
+            upstream = self._upstreams[address] = self._make(address)
+            while len(self._upstreams) > self._size:
+                _, evicted = self._upstreams.popitem(last=False)
+                task = asyncio.get_running_loop().create_task(evicted.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        self._upstreams.move_to_end(address)
+        return upstream
+
+    async def close(self) -> None:
+        for upstream in self._upstreams.values():
+            await upstream.close()
+        self._upstreams.clear()
+
+
+def plain_tcp_connect(
+    address: IPAddress, port: int, prepare_socket: Callable[[socket.socket], None] | None
+) -> Connect:
+    """A ``Connect`` for a plain (not proxied) TCP socket, for ``direct://``."""
+
+    async def connect() -> socket.socket:
+        sock = _plain_socket(address, socket.SOCK_STREAM, prepare_socket)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return connect
+
+
+def _plain_socket(
+    address: IPAddress, kind: int, prepare_socket: Callable[[socket.socket], None] | None
+) -> socket.socket:
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setblocking(False)
+        if prepare_socket is not None:
+            prepare_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

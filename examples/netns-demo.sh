@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# tun2socks with route.auto, in one command, on one machine, touching nothing outside two
+# network namespaces that it creates and deletes again:
+#
+#   client namespace                         server namespace
+#     tun2socks (route.auto) + curl    veth    Dante SOCKS5 server 10.200.0.2:1080
+#     10.200.0.1/24, default via .2 <=======> 10.200.0.2/24
+#                                              web server 10.201.0.80:8000 (on lo)
+#
+# curl in the client fetches the page; tun2socks has pointed every route into its TUN, so the
+# connection goes through the SOCKS5 server (the web server sees the proxy's address), while
+# the proxy connection itself keeps the original path. Then tun2socks stops and everything it
+# changed is gone. Needs root, iproute2, curl, Dante (Debian: dante-server) and python3.
+#
+#   sudo examples/netns-demo.sh          (DEMO_ID=NAME to choose the namespace suffix)
+set -euo pipefail
+
+ID="${DEMO_ID:-$$}"
+CLI="t2sdemo-c-$ID"
+SRV="t2sdemo-s-$ID"
+TUN="t2sdemo0"
+PROXY_IP=10.200.0.2
+WEB_IP=10.201.0.80
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/t2sdemo.XXXXXX")"
+T2S_PID=""
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [[ $rc -ne 0 ]]; then
+    for log in tun2socks.log danted.log danted.out web.log; do
+      [[ -s "$WORK/$log" ]] && { echo "-- $log (tail):"; tail -n 15 "$WORK/$log"; }
+    done
+  fi
+  if [[ -n "$T2S_PID" ]] && kill -0 "$T2S_PID" 2>/dev/null; then
+    kill -TERM "$T2S_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$T2S_PID" 2>/dev/null || break; sleep 0.1; done
+  fi
+  for ns in "$CLI" "$SRV"; do
+    if ip netns list | grep -qw "$ns"; then
+      for pid in $(ip netns pids "$ns"); do kill -TERM "$pid" 2>/dev/null || true; done
+      sleep 0.3
+      for pid in $(ip netns pids "$ns"); do kill -KILL "$pid" 2>/dev/null || true; done
+      ip netns del "$ns" || true
+    fi
+    rm -rf "/etc/netns/$ns"
+  done
+  rm -rf "$WORK"
+  echo
+  echo "cleaned up: namespaces $CLI and $SRV deleted, $WORK removed"
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+if [[ $EUID -ne 0 ]]; then echo "run as root (network namespaces)" >&2; exit 1; fi
+DANTED="$(PATH="$PATH:/usr/sbin:/sbin" command -v danted || true)"
+for cmd in ip curl "$PYTHON"; do
+  command -v "$cmd" >/dev/null || { echo "missing: $cmd" >&2; exit 1; }
+done
+[[ -n "$DANTED" ]] || { echo "missing: danted (Debian package dante-server)" >&2; exit 1; }
+
+say "namespaces $CLI (client) and $SRV (server), joined by a veth pair"
+for ns in "$CLI" "$SRV"; do
+  ip netns add "$ns"
+  mkdir -p "/etc/netns/$ns"
+  echo "nameserver $WEB_IP" > "/etc/netns/$ns/resolv.conf"  # no lookups leave the demo
+  ip -n "$ns" link set lo up
+done
+ip link add veth-demo netns "$CLI" type veth peer name veth-demo netns "$SRV"
+ip -n "$CLI" addr add 10.200.0.1/24 dev veth-demo
+ip -n "$SRV" addr add "$PROXY_IP/24" dev veth-demo
+ip -n "$CLI" link set veth-demo up
+ip -n "$SRV" link set veth-demo up
+ip -n "$CLI" route add default via "$PROXY_IP"  # the server namespace plays the LAN gateway
+ip -n "$SRV" addr add "$WEB_IP/32" dev lo
+
+say "server: web server on $WEB_IP:8000, Dante SOCKS5 server on $PROXY_IP:1080"
+mkdir -p "$WORK/www"
+echo "Hello through tun2socks!" > "$WORK/www/index.html"
+ip netns exec "$SRV" "$PYTHON" -m http.server --bind "$WEB_IP" --directory "$WORK/www" 8000 \
+  > "$WORK/web.log" 2>&1 &
+cat > "$WORK/danted.conf" <<EOF
+logoutput: $WORK/danted.log
+internal: $PROXY_IP port = 1080
+external: $PROXY_IP
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass { from: 10.200.0.0/24 to: 0/0 }
+socks pass { from: 0/0 to: 10.201.0.0/24 command: connect }
+socks block { from: 0/0 to: 0/0 log: connect error }
+EOF
+ip netns exec "$SRV" "$DANTED" -f "$WORK/danted.conf" -p "$WORK/danted.pid" -N 1 \
+  > "$WORK/danted.out" 2>&1 &
+listening() { ip netns exec "$SRV" ss -Hltn | grep -c -e "$PROXY_IP:1080 " -e "$WEB_IP:8000 "; }
+for _ in $(seq 100); do [[ $(listening) -ge 2 ]] && break; sleep 0.1; done
+[[ $(listening) -ge 2 ]] || { echo "the servers did not start" >&2; exit 1; }
+
+say "client: tun2socks with route.auto"
+cat > "$WORK/tun2socks.yaml" <<EOF
+tun: {name: $TUN, addresses: [198.18.0.1/15, "fd00:7f::1/64"]}
+proxy: {url: "socks5://$PROXY_IP:1080"}
+route: {auto: true, state_dir: $WORK/state}
+log: {level: debug}
+EOF
+cat "$WORK/tun2socks.yaml"
+ip netns exec "$CLI" env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
+  "$PYTHON" -m tun2socks run -c "$WORK/tun2socks.yaml" > "$WORK/tun2socks.log" 2>&1 &
+T2S_PID=$!
+for _ in $(seq 200); do
+  grep -q "tun2socks running" "$WORK/tun2socks.log" && break
+  kill -0 "$T2S_PID" 2>/dev/null || { cat "$WORK/tun2socks.log"; exit 1; }
+  sleep 0.1
+done
+grep -q "tun2socks running" "$WORK/tun2socks.log" || { cat "$WORK/tun2socks.log"; exit 1; }
+
+say "what route.auto set up in the client namespace"
+ip -n "$CLI" rule
+echo "-- table 7280:"
+ip -n "$CLI" route show table 7280
+echo "-- the web server goes into the TUN, the proxy keeps its path:"
+ip -n "$CLI" route get "$WEB_IP"
+ip -n "$CLI" route get "$PROXY_IP"
+
+say "curl http://$WEB_IP:8000/ in the client namespace"
+ip netns exec "$CLI" curl -sS --max-time 10 "http://$WEB_IP:8000/"
+
+say "the connection in tun2socks' log"
+grep -F -- "-> $WEB_IP:8000" "$WORK/tun2socks.log"
+say "... and in the web server's log: the peer is the proxy ($PROXY_IP), not the client"
+grep -F "GET / " "$WORK/web.log"
+
+say "stopping tun2socks (SIGTERM): it undoes its routes and rules"
+kill -TERM "$T2S_PID"
+wait "$T2S_PID" && echo "tun2socks exited with status 0"
+T2S_PID=""
+ip -n "$CLI" rule
+echo "-- table 7280: $(ip -n "$CLI" route show table 7280 | wc -l) routes"

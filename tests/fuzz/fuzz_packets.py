@@ -1,0 +1,49 @@
+"""atheris harness: the IP, TCP, UDP and ICMP parsers, and the stack's packet input.
+
+Each input is either raw bytes or a valid template packet (SYN with options, data, UDP, ICMP
+echo, IPv6 with an extension header) with a few bytes changed, cut or extended, and optionally
+its checksums fixed, so that mutations get past the checksums into the header and option
+parsers. The checks are `packet_cases.check_packet`.
+
+Run: python3 tests/fuzz/fuzz_packets.py -atheris_runs=1000000 (see README.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import atheris
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+with atheris.instrument_imports(include=["tun2socks"]):
+    import packet_cases
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    templates = packet_cases.TEMPLATES
+    choice = fdp.ConsumeIntInRange(0, len(templates))
+    trusted = fdp.ConsumeBool()
+    if choice == len(templates):
+        packet = bytearray(fdp.ConsumeBytes(fdp.remaining_bytes()))
+    else:
+        packet = bytearray(templates[choice])
+        fix = fdp.ConsumeBool()
+        for _ in range(fdp.ConsumeIntInRange(0, 6)):
+            packet[fdp.ConsumeIntInRange(0, len(packet) - 1)] = fdp.ConsumeIntInRange(0, 255)
+        cut = fdp.ConsumeIntInRange(0, len(packet))
+        packet = packet[:cut] + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64))
+        if fix:
+            packet_cases.fix_checksums(packet)
+    packet_cases.check_packet(bytes(packet), trusted)
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The dashboard in a real browser: headless Chromium opens it while a download runs through
+tun2socks, sees the live chart and the connection, saves a screenshot (test-artifacts/), and
+closes the connection with its button: the client sees a reset."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import apiclient
+import bed as bedlib
+import pytest
+
+HERE = Path(__file__).resolve().parent
+BROWSER_SCRIPT = HERE / "dashboard_browser.py"
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        bool(bedlib.missing_requirements()),
+        reason="needs " + ", ".join(bedlib.missing_requirements()),
+    ),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None, reason="needs playwright (extra test)"
+    ),
+]
+
+
+def test_dashboard_shows_live_traffic_and_closes_a_connection(
+    bed: bedlib.Bed,
+    start_tun2socks: bedlib.StartTun2socks,
+    artifact_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    token = "dash-" + bed.socks_password[:10]
+    monkeypatch.setenv("T2S_TEST_API_TOKEN", token)
+    start_tun2socks(extra={"api": {"token": "${T2S_TEST_API_TOKEN}"}})
+    download = apiclient.slow_download(bed, 1 << 40, "2M")
+    screenshot = artifact_dir / "dashboard.png"
+    try:
+        apiclient.wait_for(
+            "the download", lambda: apiclient.find_connection(bed, token), timeout=15
+        )
+        seen = apiclient.python_in_client_ns(
+            bed,
+            str(BROWSER_SCRIPT),
+            *("--url", f"{apiclient.API}/#token={token}", "--expect", apiclient.TARGET),
+            *("--screenshot", str(screenshot), "--close", "--timeout", "40"),
+            timeout=180,
+        )
+        assert "error" not in seen, seen
+        assert seen["errors"] == [], seen  # no script errors in the page
+        assert seen["status"] == "live"
+        assert seen["samples"] >= 4 and seen["max_rate"] > 100_000, seen  # ~2 MB/s flows
+        cells = seen["row"]
+        assert apiclient.TARGET in cells and "ESTABLISHED" in cells, cells
+        assert screenshot.stat().st_size > 10_000
+        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert seen["closed"] is True
+        download.wait(15)
+        assert download.returncode == 56, download.stderr  # curl: connection reset
+    finally:
+        apiclient.stop(download)

@@ -1,0 +1,228 @@
+"""``tun2socks check -c FILE``: validate the configuration, then probe each proxy step by step.
+
+For the default proxy and every named one: TCP reachability, the SOCKS5 greeting, the
+authentication (RFC 1929, when credentials are configured) and a CONNECT to ``--target``. Each
+step prints ``pass``, ``FAIL`` with the precise cause, or ``skip``; the exit status is 0 when
+everything passed, 1 when a step failed, 2 for a configuration error. The probe is a blocking
+client written on our own sans-IO codec (``socks5_wire``), one message at a time, so that each
+answer is attributed to its step. Passwords are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tun2socks import logs
+from tun2socks.config import ConfigError, load_settings
+from tun2socks.outbound.direct import protector
+from tun2socks.outbound.socks5 import SocketHook, format_host_port
+from tun2socks.outbound.socks5_wire import (
+    AUTH_REPLY_SIZE,
+    METHOD_SELECTION_SIZE,
+    AuthMethod,
+    Command,
+    Socks5WireError,
+    build_auth,
+    build_greeting,
+    build_request,
+    describe_reply,
+    parse_auth_reply,
+    parse_method_selection,
+    parse_reply,
+    reply_bytes_missing,
+)
+
+if TYPE_CHECKING:
+    from tun2socks.config import ProxyConfig
+
+DEFAULT_TARGET = "example.com:80"
+
+
+def add_parser(commands: Any) -> None:
+    check = commands.add_parser(
+        "check",
+        help="validate the config and probe each proxy",
+        description="Validate the configuration, then probe each proxy: TCP connect, SOCKS5 "
+        "greeting, authentication, CONNECT to the target. Exit 0 if all pass, 1 if not.",
+    )
+    check.add_argument("-c", "--config", metavar="FILE", required=True, help="YAML settings file")
+    check.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=DEFAULT_TARGET,
+        help=f"what each proxy is asked to CONNECT to (default {DEFAULT_TARGET})",
+    )
+    check.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="set one key, as for run",
+    )
+
+
+class StepFailed(Exception):
+    """A probe step failed; str() is the cause."""
+
+
+@dataclass
+class Probe:
+    """One proxy's probe: a blocking socket moved from step to step."""
+
+    config: ProxyConfig
+    timeout: float
+    protect: SocketHook | None
+    sock: socket.socket | None = None
+
+    def connect(self) -> str:
+        host, port = self.config.host, self.config.port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise StepFailed(f"cannot resolve {host}: {exc}") from None
+        error = "no address"
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.settimeout(self.timeout)
+            started = time.monotonic()
+            try:
+                if self.protect is not None:
+                    self.protect(sock)
+                sock.connect(sockaddr)
+            except TimeoutError:
+                error = f"timed out after {self.timeout:g} s"
+            except OSError as exc:
+                error = (exc.strerror or str(exc)).lower()
+            else:
+                self.sock = sock
+                where = format_host_port(str(sockaddr[0]), port)
+                return f"{where} in {(time.monotonic() - started) * 1000:.1f} ms"
+            sock.close()
+        raise StepFailed(error)
+
+    def greet(self) -> str:
+        with_auth = self.config.username is not None
+        method = AuthMethod.USERNAME_PASSWORD if with_auth else AuthMethod.NO_AUTHENTICATION
+        self._send(build_greeting([method]))
+        chosen = parse_method_selection(self._recv(METHOD_SELECTION_SIZE, "method selection"))
+        if chosen == AuthMethod.NO_ACCEPTABLE_METHODS:
+            if method == AuthMethod.NO_AUTHENTICATION:
+                raise StepFailed("the proxy requires authentication: put user:password in the URL")
+            raise StepFailed("the proxy does not accept username/password authentication")
+        if chosen != method:
+            raise StepFailed(f"the proxy chose method {chosen:#04x}, which was not offered")
+        return f"method {'username/password' if with_auth else 'no authentication'} accepted"
+
+    def authenticate(self) -> str:
+        username, password = self.config.username, self.config.password
+        assert username is not None
+        secret = password.get_secret_value() if password is not None else ""
+        self._send(build_auth(username, secret))
+        status = parse_auth_reply(self._recv(AUTH_REPLY_SIZE, "authentication reply"))
+        if status != 0:
+            raise StepFailed(f"username/password rejected for user {username!r} (status {status})")
+        return f"user {username!r} accepted"
+
+    def request(self, host: str, port: int) -> str:
+        self._send(build_request(Command.CONNECT, host, port))
+        data = bytearray()
+        while (missing := reply_bytes_missing(data)) > 0:
+            data += self._recv(missing, "CONNECT reply", partial=True)
+        reply = parse_reply(data)
+        assert reply is not None
+        if reply.reply_code != 0:
+            code = reply.reply_code
+            raise StepFailed(f"refused by the proxy: {describe_reply(code)} (reply {code})")
+        return f"bound {format_host_port(reply.bound_host, reply.bound_port)}"
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def _send(self, data: bytes) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise StepFailed(f"send failed: {exc.strerror or exc}") from None
+
+    def _recv(self, size: int, what: str, *, partial: bool = False) -> bytes:
+        assert self.sock is not None
+        data = b""
+        while len(data) < size:
+            try:
+                chunk = self.sock.recv(size - len(data))
+            except TimeoutError:
+                raise StepFailed(f"no {what} within {self.timeout:g} s") from None
+            except OSError as exc:
+                raise StepFailed(
+                    f"{(exc.strerror or str(exc)).lower()} before the {what}"
+                ) from None
+            if not chunk:
+                raise StepFailed(f"the proxy closed the connection before the {what}")
+            data += chunk
+            if partial:
+                break
+        return data
+
+
+def probe(
+    name: str, config: ProxyConfig, target: tuple[str, int], protect: SocketHook | None
+) -> bool:
+    """Probe one proxy, printing one line per step; True when every step passed."""
+    print(f"proxy {name}: {config.redacted_url}")
+    attempt = Probe(config, config.connect_timeout, protect)
+    steps = [
+        ("TCP connect", attempt.connect),
+        ("SOCKS5 greeting", attempt.greet),
+        ("authentication", attempt.authenticate if config.username else None),
+        (f"CONNECT {format_host_port(*target)}", lambda: attempt.request(*target)),
+    ]
+    failed = False
+    try:
+        for title, step in steps:
+            if failed:
+                print(f"  skip  {title}: an earlier step failed")
+            elif step is None:
+                print(f"  skip  {title}: none configured")
+            else:
+                try:
+                    print(f"  pass  {title}: {step()}")
+                except (StepFailed, Socks5WireError) as exc:
+                    failed = True
+                    print(f"  FAIL  {title}: {exc}")
+    finally:
+        attempt.close()
+    return not failed
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--target {text}: must be HOST:PORT, like example.com:80 or [::1]:80")
+    return host, int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Raises ConfigError for a bad configuration (exit 2); returns 1 if a probe failed."""
+    target = parse_target(args.target)
+    settings = load_settings(args.config, args.overrides)
+    proxies = [("default", settings.proxy), *settings.proxies.items()]
+    for _, config in proxies:
+        if config.password is not None:
+            logs.register_secret(config.password.get_secret_value())
+    counts = f"{len(proxies)} proxies, {len(settings.rules)} rules"
+    print(f"pass  configuration {args.config}: valid, {counts}")
+    protect = protector(settings.route.mark, settings.route.bind_interface)
+    results = [probe(name, config, target, protect) for name, config in proxies]
+    if all(results):
+        print("all checks passed")
+        return 0
+    print(f"{results.count(False)} of {len(results)} proxies failed")
+    return 1

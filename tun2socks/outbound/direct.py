@@ -1,0 +1,112 @@
+"""Direct connections: a protected socket to the flow's destination that bypasses the TUN.
+
+The Linux form of Android's ``VpnService.protect()``. With ``route.auto`` every route leads into
+the TUN, so a plain socket opened here would come straight back to us. A protected socket does
+not: ``SO_MARK`` (``route.mark``) makes the policy rule that ``tun2socks.system`` adds ahead of
+the TUN's rules send it through the main table; ``SO_BINDTODEVICE`` (``route.bind_interface``)
+restricts its route lookup to the real interface. The same hook protects the sockets to the
+proxy (passed to ``socks5.connect`` as ``prepare_socket``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from tun2socks.net.events import FlowRequested
+from tun2socks.outbound.dialer import DialError
+from tun2socks.outbound.socks5 import SocketHook, format_host_port
+
+# linux/asm-generic/socket.h; the socket module has them on Linux with recent Pythons only.
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+def protector(mark: int, interface: str | None) -> SocketHook | None:
+    """The hook that keeps a socket out of the TUN, or None when neither way is configured."""
+    if not mark and not interface:
+        return None
+    device = interface.encode() if interface else b""
+
+    def protect(sock: socket.socket) -> None:
+        try:
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if device:
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, device)
+        except PermissionError:
+            how = "SO_MARK" if mark else "SO_BINDTODEVICE"
+            raise PermissionError(f"cannot set {how}: needs CAP_NET_ADMIN") from None
+        except OSError as exc:
+            if device and exc.errno == 19:  # ENODEV
+                raise OSError(exc.errno, f"no interface {interface} to bind to") from None
+            raise
+
+    return protect
+
+
+async def open_direct(
+    host: IPv4Address | IPv6Address,
+    port: int,
+    *,
+    timeout: float,
+    protect: SocketHook | None,
+) -> socket.socket:
+    """A connected non-blocking TCP socket to host:port; raises DialError."""
+    target = format_host_port(host, port)
+    sock = socket.socket(socket.AF_INET6 if host.version == 6 else socket.AF_INET)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if protect is not None:
+            protect(sock)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (str(host), port))
+    except TimeoutError:
+        sock.close()
+        raise DialError(f"direct connection to {target} timed out after {timeout:g} s") from None
+    except OSError as exc:
+        sock.close()
+        raise DialError(f"direct connection to {target} failed: {exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class DirectDialer:
+    """Each flow straight to its destination on a protected socket."""
+
+    def __init__(self, *, timeout: float, protect: SocketHook | None) -> None:
+        self.timeout = timeout
+        self.protect = protect
+
+    async def dial(self, flow: FlowRequested) -> socket.socket:
+        return await self._open(flow.dst, flow.dst_port)
+
+    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+        """To an address, or to a name resolved here (each of its addresses in turn)."""
+        if not isinstance(host, str):
+            return await self._open(host, port)
+        try:
+            address = ip_address(host)
+        except ValueError:  # a name
+            pass
+        else:
+            return await self._open(address, port)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise DialError(f"direct connection: cannot resolve {host}: {exc}") from None
+        error = DialError(f"direct connection: {host} has no address")
+        for *_, sockaddr in infos:
+            try:
+                return await self._open(ip_address(sockaddr[0]), port)
+            except DialError as exc:
+                error = exc
+        raise error
+
+    async def _open(self, host: IPv4Address | IPv6Address, port: int) -> socket.socket:
+        return await open_direct(host, port, timeout=self.timeout, protect=self.protect)

@@ -1,0 +1,116 @@
+"""The dialer that applies the rules: each flow through a proxy, directly, or refused.
+
+It wraps the SOCKS5 dialers (the default proxy and the named ``proxies``) and a direct dialer.
+``block`` raises DialError, which the engine turns into an RST for the client and one log line.
+Every outbound socket, to a proxy or direct, gets the protection hook (``route.mark`` /
+``route.bind_interface``), so that none of them can loop back into the TUN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import TYPE_CHECKING
+
+from tun2socks.net.events import FlowRequested
+from tun2socks.outbound import socks5
+from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
+from tun2socks.outbound.direct import DirectDialer
+from tun2socks.rules import Action, Decision, RuleSet
+
+if TYPE_CHECKING:
+    from tun2socks.config import Settings
+
+log = logging.getLogger(__name__)
+
+IPAddress = IPv4Address | IPv6Address
+
+
+class RuleDialer:
+    """Chooses the way out of each flow by the first matching rule."""
+
+    def __init__(
+        self,
+        rules: RuleSet,
+        default: Socks5Dialer,
+        proxies: Mapping[str, Socks5Dialer],
+        direct: DirectDialer,
+        domain_lookup: Callable[[IPAddress], str | None],
+    ) -> None:
+        self.rules = rules
+        self.default = default
+        self.proxies = dict(proxies)
+        self.direct = direct
+        self.domain_lookup = domain_lookup
+
+    def decide(self, dst: IPAddress, port: int, protocol: str = "tcp") -> Decision:
+        """The decision for a flow (UDP relays may ask with protocol="udp")."""
+        domain = self.domain_lookup(dst) if self.rules.uses_domains else None
+        return self.rules.decide(dst, port, protocol, domain)
+
+    async def dial(self, flow: FlowRequested) -> socket.socket:
+        decision = self.decide(flow.dst, flow.dst_port)
+        log.debug("flow %d to %s: %s", flow.flow_id, _target(flow.dst, flow.dst_port), decision)
+        if decision.action is Action.BLOCK:
+            raise DialError(f"blocked by rule {decision.rule}")
+        if decision.action is Action.DIRECT:
+            return await self.direct.dial(flow)
+        return await self._proxy(decision).dial(flow)
+
+    async def dial_host(self, host: str | IPAddress, port: int) -> socket.socket:
+        """A connection to an address or a name (matched against the domain patterns)."""
+        address: IPAddress | None = None
+        if isinstance(host, str):
+            with contextlib.suppress(ValueError):  # else a name
+                address = ip_address(host)
+        else:
+            address = host
+        domain = host if address is None and isinstance(host, str) else None
+        if address is not None and self.rules.uses_domains:
+            domain = self.domain_lookup(address)
+        decision = self.rules.decide(address, port, "tcp", domain)
+        log.debug("connection to %s: %s", _target(host, port), decision)
+        if decision.action is Action.BLOCK:
+            raise DialError(f"blocked by rule {decision.rule}")
+        if decision.action is Action.DIRECT:
+            return await self.direct.dial_host(host, port)
+        return await self._proxy(decision).dial_host(host, port)
+
+    def _proxy(self, decision: Decision) -> Socks5Dialer:
+        return self.default if decision.proxy is None else self.proxies[decision.proxy]
+
+
+def _target(host: str | IPAddress, port: int) -> str:
+    return socks5.format_host_port(host, port)
+
+
+def build_dialer(
+    settings: Settings,
+    proxy: socks5.ProxyEndpoint,
+    protect: socks5.SocketHook | None,
+    domain_lookup: Callable[[IPAddress], str | None],
+) -> Dialer:
+    """The engine's dialer: the plain SOCKS5 dialer when there are no rules and no named
+    proxies, the rule dialer otherwise. `domain_lookup` is called at dial time."""
+    default = Socks5Dialer(
+        proxy,
+        timeout=settings.proxy.connect_timeout,
+        prepare_socket=protect,
+        pipeline=settings.proxy.pipeline,
+    )
+    if not settings.rules and not settings.proxies:
+        return default
+    named = {
+        name: Socks5Dialer(
+            socks5.ProxyEndpoint.from_config(config),
+            timeout=config.connect_timeout,
+            prepare_socket=protect,
+            pipeline=config.pipeline,
+        )
+        for name, config in settings.proxies.items()
+    }
+    direct = DirectDialer(timeout=settings.proxy.connect_timeout, protect=protect)
+    return RuleDialer(RuleSet.from_settings(settings.rules), default, named, direct, domain_lookup)
