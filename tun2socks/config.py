@@ -152,7 +152,7 @@ class ProxyConfig(BaseModel):
 
     url: str = Field(strict=True)  # as written, may hold ${VAR}; never log it
     connect_timeout: float = Field(default=10.0, gt=0, strict=True, allow_inf_nan=False)
-    pipeline: bool = Field(default=True, strict=True)  # greeting, auth and request in one write
+    pipeline: bool = Field(default=False, strict=True)  # greeting, auth, request in one write
 
     _endpoint: _ProxyEndpoint = PrivateAttr()
 

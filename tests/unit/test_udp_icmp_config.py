@@ -19,7 +19,7 @@ def test_defaults() -> None:
     assert s.udp.when_unsupported == "unreachable"
     assert s.icmp.echo == "reply"
     assert (s.limits.reassembly_memory, s.limits.reassembly_timeout) == (4 * 1024 * 1024, 30.0)
-    assert s.proxy.pipeline is True
+    assert s.proxy.pipeline is False
 
 
 def test_overrides() -> None:
@@ -31,12 +31,12 @@ def test_overrides() -> None:
         "icmp.echo=drop",
         "limits.reassembly_memory=65536",
         "limits.reassembly_timeout=5",
-        "proxy.pipeline=false",
+        "proxy.pipeline=true",
     )
     assert (s.udp.enabled, s.udp.idle_timeout, s.udp.max_sessions) == (False, 30.0, 10)
     assert (s.udp.when_unsupported, s.icmp.echo) == ("drop", "drop")
     assert (s.limits.reassembly_memory, s.limits.reassembly_timeout) == (65536, 5.0)
-    assert s.proxy.pipeline is False
+    assert s.proxy.pipeline is True
 
 
 @pytest.mark.parametrize(
