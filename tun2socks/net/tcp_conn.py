@@ -316,7 +316,7 @@ class TcpConnection:
         """The upstream failed: answer the SYN with RST (RFC 9293 3.10.7.2, 'refused')."""
         if self.state is not TcpState.LISTEN:
             raise RuntimeError(f"reject in state {self.state.value}")
-        self._emit_rst(0, ack=True)
+        self._emit_rst(0)
         self.state = TcpState.CLOSED
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
@@ -364,7 +364,7 @@ class TcpConnection:
             self.reject()
             return
         if self.state not in (TcpState.CLOSED, TcpState.TIME_WAIT):
-            self._emit_rst(self.snd_max, ack=True)  # SND.NXT is the highest sent
+            self._emit_rst(self.snd_max)  # SND.NXT is the highest sent
         self._close()
 
     def reset(self, reason: str) -> None:
@@ -672,46 +672,28 @@ class TcpConnection:
         else:
             field = min(wnd >> self.rcv_wscale, MAX_WINDOW_FIELD)
             self._last_adv_right = self.rcv_nxt + (field << self.rcv_wscale)
-        self._out.append(
-            build_tcp_packet(
-                self.version,
-                self.local_addr,
-                self.remote_addr,
-                self._addr_sum,
-                self.local_port,
-                self.remote_port,
-                self._wire_snd(seq_off),
-                self._wire_rcv(self.rcv_nxt),
-                flags,
-                field,
-                options,
-                payload,
-                offload=self.config.offload,
-            )
+        self._build(
+            self._wire_snd(seq_off), self._wire_rcv(self.rcv_nxt), flags, field, options, payload
         )
         self._ack_pending = False
 
-    def _emit_rst(self, seq_off: int, ack: bool) -> None:
-        self._out.append(
-            build_tcp_packet(
-                self.version,
-                self.local_addr,
-                self.remote_addr,
-                self._addr_sum,
-                self.local_port,
-                self.remote_port,
-                self._wire_snd(seq_off),
-                self._wire_rcv(self.rcv_nxt) if ack else 0,
-                RST | ACK if ack else RST,
-                0,
-                b"",
-                b"",
-                offload=self.config.offload,
-            )
-        )
+    def _emit_rst(self, seq_off: int) -> None:
+        """RST|ACK at `seq_off`, acknowledging everything received."""
+        self._build(self._wire_snd(seq_off), self._wire_rcv(self.rcv_nxt), RST | ACK, 0)
 
     def _emit_rst_raw(self, seq: int) -> None:
         """RST carrying the client's own ACK number as its sequence number (RFC 9293 3.5.2)."""
+        self._build(seq, 0, RST, 0)
+
+    def _build(
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        options: bytes = b"",
+        payload: bytes | memoryview = b"",
+    ) -> None:
         self._out.append(
             build_tcp_packet(
                 self.version,
@@ -721,11 +703,11 @@ class TcpConnection:
                 self.local_port,
                 self.remote_port,
                 seq,
-                0,
-                RST,
-                0,
-                b"",
-                b"",
+                ack,
+                flags,
+                window,
+                options,
+                payload,
                 offload=self.config.offload,
             )
         )
