@@ -2,8 +2,9 @@
 
 Bounded mixed traffic in rounds (tests/integration/soakrun.py: GETs over IPv4 and IPv6, 1 MiB
 downloads and uploads with digests, refused connections, echo sessions, idle connections held
-throughout); tun2socks's RSS and open fds are sampled in the pause after each round and must
-stay within 5% of their value at the 25% mark until the end. Writes
+throughout, UDP echo sessions that come and go, DNS queries over UDP and TCP through the
+forwarder to the bed's dnsmasq); tun2socks's RSS and open fds are sampled in the pause after
+each round and must stay within 5% of their value at the 25% mark until the end. Writes
 bench/results/<date>-soak.json and prints the verdict; exit status 1 if not flat or if any
 traffic failed. The 60-second version runs in the test suite (tests/integration/test_soak.py).
 """
@@ -16,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "integration"))
@@ -34,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
     workdir = Path("/tmp") / f"t2s-soak-{stamp}"
-    with bedlib.Bed(workdir) as bed:
+    with bedlib.Bed(workdir, dns=True) as bed:
 
-        def start() -> bedlib.Tun2socks:
-            extra = {"log": {"level": args.log_level}}
+        def start(extra: dict[str, Any]) -> bedlib.Tun2socks:
+            extra = {**extra, "log": {"level": args.log_level}}
             return bed.start_tun2socks(workdir / "tun2socks.log", extra=extra)
 
         started = time.monotonic()
@@ -49,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     traffic = result["traffic"]
     print(f"soak {args.minutes} min: {traffic.get('rounds')} rounds, ok {traffic.get('ok')}, "
           f"failed {traffic.get('failed')}")  # fmt: skip
-    for key in ("rss", "fds"):
+    for key in ("rss", "fds", "bounded"):
         print(f"  {key}: {result[key]}")
     print(f"  results: {path}")
-    flat = result["rss"]["ok"] and result["fds"]["ok"]
+    flat = result["rss"]["ok"] and result["fds"]["ok"] and result["bounded"]["ok"]
     return 0 if flat and traffic.get("failed") == 0 and result["tun2socks_alive"] else 1
 
 

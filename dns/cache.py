@@ -68,7 +68,8 @@ class DnsCache:
         if self.settings.size <= 0 or answer.header.tc:
             return None
         rcode = answer.header.rcode
-        if rcode == NOERROR and answer.rr:
+        # (an OPT record belongs in the additional section only, RFC 6891 6.1.1: not an answer)
+        if rcode == NOERROR and any(rr.rtype != TYPE_OPT for rr in answer.rr):
             stored, ttl = self._positive(answer)
         elif rcode in (NOERROR, NXDOMAIN):
             negative = self._negative(answer)

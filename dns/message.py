@@ -20,6 +20,7 @@ from dnslib import CLASS, EDNS0, QTYPE, RCODE, RR, DNSError, DNSHeader, DNSQuest
 from dnslib import A as A_RDATA
 
 HEADER_SIZE = 12  # RFC 1035 section 4.1.1
+MAX_NAME_TEXT = 253  # RFC 1035 section 2.3.4: 255 octets on the wire, 253 as dotted text
 CLASSIC_UDP_SIZE = 512  # RFC 1035 section 2.3.4
 EDNS_UDP_SIZE = 1232  # the DNS flag day 2020 value: no IP fragmentation on common paths
 MAX_TCP_MESSAGE = 0xFFFF  # RFC 1035 section 4.2.2: two-byte length prefix
@@ -116,6 +117,9 @@ def parse_query(data: bytes) -> Query:
     if len(record.questions) != 1:  # RFC 9619: exactly one question
         raise BadQuery("question_count", _header_error(data, FORMERR))
     question = record.questions[0]
+    # dnslib reads longer names but refuses to write them: every reply would fail to pack.
+    if len(question.qname) > MAX_NAME_TEXT:
+        raise BadQuery("long_name", _header_error(data, FORMERR))
     if question.qtype in ZONE_TRANSFERS:
         raise BadQuery("zone_transfer", error_reply_for(record, NOTIMP))
     edns_size = None
@@ -175,6 +179,10 @@ def parse_answer(data: bytes, key: QuestionKey) -> DNSRecord:
         raise DNSError("upstream sent a query, not an answer")
     if len(record.questions) != 1 or question_key(record.questions[0]) != key:
         raise DNSError("answer is for another question")
+    try:  # dnslib reads what it cannot write (names over 255 octets): we could not pass it on
+        record.pack()
+    except Exception as exc:
+        raise DNSError(f"answer cannot be passed on: {type(exc).__name__}") from None
     return record
 
 

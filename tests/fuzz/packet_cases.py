@@ -1,9 +1,11 @@
 """Packet cases shared by the atheris harness (fuzz_packets.py) and the hypothesis tests
-(tests/unit/test_fuzz_codecs.py): valid templates, a checksum fixer and the checks.
+(tests/unit/test_fuzz_codecs.py): templates (valid packets, UDP with bad lengths, fragments),
+a checksum fixer and the checks.
 
 `check_packet(raw, trusted)` is one fuzz iteration: parsers raise nothing but MalformedPacket;
 what parses builds back to the same fields; `Stack.receive_packet` never raises and whatever it
 sends parses; an ICMP destination-unreachable can be built about any packet of 20+ bytes.
+`check_fragments(pieces, trusted)` feeds a set of fragments into one stack.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import random
 
 from tun2socks.net.checksum import checksum, pseudo_header_sum
+from tun2socks.net.events import DatagramReceived
+from tun2socks.net.fragments import Fragmenter
 from tun2socks.net.icmp import IcmpMessage, destination_unreachable
 from tun2socks.net.ip import (
     PROTO_ICMP,
@@ -48,7 +52,42 @@ def _templates() -> list[bytes]:
     return out
 
 
-TEMPLATES = _templates()
+def _bad_udp_lengths() -> list[bytes]:
+    """UDP over IPv4 whose length field disagrees with the IP payload: longer (an error),
+    below the header (an error), shorter (trailing padding, trimmed like Linux does)."""
+    good = bytearray(UdpDatagram(5353, 53, b"q" * 24).build(4, *V4))
+    out = []
+    for length in (len(good) - 20 + 9, 4):
+        bad = bytearray(good)
+        bad[24:26] = length.to_bytes(2, "big")
+        out.append(bytes(bad))
+    padded = good + bytes(6)
+    padded[2:4] = len(padded).to_bytes(2, "big")
+    padded[10:12] = b"\0\0"
+    padded[10:12] = checksum(padded[:20]).to_bytes(2, "big")
+    out.append(bytes(padded))
+    return out
+
+
+def _fragment_sets() -> list[list[bytes]]:
+    """UDP datagrams cut into three fragments each, IPv4 and IPv6 (ours: the split is tested
+    against scapy in test_fragments.py)."""
+    out = []
+    for version, (src, dst) in ((4, V4), (6, V6)):
+        whole = UdpDatagram(40000, 7000, bytes(range(256)) * 5).build(version, src, dst)
+        out.append(Fragmenter(FRAGMENT_MTU, 7).split(whole))
+    return out
+
+
+FRAGMENT_MTU = 576
+FRAGMENT_SETS = _fragment_sets()
+VALID_TEMPLATES = _templates()
+BAD_UDP_LENGTHS = _bad_udp_lengths()  # longer than the IP payload, below 8, padded
+TEMPLATES = [
+    *VALID_TEMPLATES,
+    *BAD_UDP_LENGTHS,
+    *(piece for pieces in FRAGMENT_SETS for piece in (pieces[0], pieces[-1])),
+]
 
 
 def fix_checksums(packet: bytearray) -> None:
@@ -118,6 +157,25 @@ def parse_output(data: bytes) -> None:
     else:
         assert packet.protocol in (PROTO_ICMP, PROTO_ICMPV6), packet.protocol
         IcmpMessage.parse(packet)
+
+
+def check_fragments(pieces: list[bytes], trusted: bool) -> None:
+    """Fragments (mutated, reordered, duplicated or missing) into one stack: nothing raises,
+    what comes out parses, a datagram is whole, and once the reassembly timer has run out no
+    incomplete datagram is left."""
+    stack = Stack(StackConfig(), random.Random(0))
+    for piece in pieces:
+        stack.receive_packet(piece, 0.0, trusted)
+    for out in stack.packets_to_send(0.0):
+        parse_output(out)
+    while (event := stack.next_event()) is not None:
+        if isinstance(event, DatagramReceived):
+            assert len(event.payload) <= 0xFFFF, len(event.payload)
+    deadline = stack.get_timer()
+    if deadline is not None:
+        stack.handle_timer(deadline)
+    assert stack.ip_stats()["fragments_pending"] == 0, stack.ip_stats()
+    assert stack.get_timer() is None
 
 
 def check_packet(raw: bytes, trusted: bool) -> None:

@@ -8,8 +8,9 @@
   probe  connect, echo a few bytes, close, every --interval seconds for --duration seconds;
          prints {"ok": K, "failed": F, "errors": [...]} (real connections during a flood).
   soak   rounds of mixed traffic for --duration seconds with a fixed set of idle connections
-         held throughout; after each round a JSON line {"event": "round", ...} and a pause
-         (--pause) with no traffic, in which the test samples tun2socks; then a summary.
+         held throughout, and optionally UDP echo sessions and DNS queries (soakudp.py);
+         after each round a JSON line {"event": "round", ...} and a pause (--pause) with no
+         traffic, in which the test samples tun2socks; then a summary.
 
 Every wait is bounded; failures are counted and reported as data, never raised.
 """
@@ -27,6 +28,8 @@ import time
 from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
+
+import soakudp
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -235,6 +238,8 @@ async def cmd_soak(args: argparse.Namespace) -> None:
         jobs.append(refused(args.http_host, args.closed_port, args.timeout))
         for i in range(args.echoes):
             jobs.append(echo_session(args.echo_host, args.echo_port, i, args.timeout))
+        udp_ends: list[float] = []
+        jobs += udp_and_dns_jobs(args, rounds, udp_ends)
         ok, errs = await gather_counted(jobs, args.timeout * 2)
         # The held connections must stay usable.
         alive, errs_idle = await gather_counted(
@@ -244,12 +249,41 @@ async def cmd_soak(args: argparse.Namespace) -> None:
         totals["failed"] += len(jobs) - ok + len(held) - alive
         errors.update(errs)
         errors.update(errs_idle)
+        if udp_ends:  # let the round's UDP sessions run idle and close before the sample
+            await asyncio.sleep(max(0.0, max(udp_ends) + args.udp_settle - time.monotonic()))
         emit(event="round", n=rounds, t=round(time.monotonic() - started, 2), ok=ok + alive,
              failed=len(jobs) - ok + len(held) - alive)  # fmt: skip
         await asyncio.sleep(args.pause)
     await gather_counted([close_conn(c) for c in held], args.timeout)
     emit(event="done", rounds=rounds, ok=totals["ok"], failed=totals["failed"],
          errors=dict(errors.most_common(5)))  # fmt: skip
+
+
+def udp_and_dns_jobs(
+    args: argparse.Namespace, round_no: int, udp_ends: list[float]
+) -> list[Awaitable[Any]]:
+    """A round's UDP echo sessions (each end time goes to `udp_ends`) and DNS queries: new
+    names (cache misses, so the cache keeps turning over), a name asked every round (cache
+    hits), a TXT, a name that does not exist, and one query over TCP."""
+    jobs: list[Awaitable[Any]] = []
+    if args.udp_port:
+        hosts = [args.udp_host, args.udp_host6]
+
+        async def udp(i: int) -> None:
+            try:
+                await soakudp.udp_echo_session(hosts[i % 2], args.udp_port, i, args.timeout)
+            finally:
+                udp_ends.append(time.monotonic())
+
+        jobs += [udp(round_no * 100 + i) for i in range(args.udp_sessions)]
+    if args.dns_server:
+        server, name, expect = args.dns_server, args.dns_name, args.dns_expect
+        asks = [(f"r{round_no}-{i}.{name}", "A", expect) for i in range(args.dns_new_names)]
+        asks += [(name, "A", expect), (name, "TXT", None)]
+        asks.append((f"nope-{round_no}.{name.split('.', 1)[-1]}", "A", "NXDOMAIN"))
+        jobs += [soakudp.dns_udp(server, n, t, e, args.timeout) for n, t, e in asks]
+        jobs.append(soakudp.dns_tcp(server, name, "A", expect, args.timeout))
+    return jobs
 
 
 async def echo_session(host: str, port: int, seed: int, timeout: float) -> None:
@@ -293,6 +327,17 @@ def main() -> int:
     soak.add_argument("--echoes", type=int, default=10, help="echo sessions per round")
     soak.add_argument("--big", type=int, default=1 << 20, help="bytes down and up per round")
     soak.add_argument("--timeout", type=float, default=15.0)
+    soak.add_argument("--udp-host", help="UDP echo server (IPv4); no UDP without --udp-port")
+    soak.add_argument("--udp-host6", help="UDP echo server (IPv6)")
+    soak.add_argument("--udp-port", type=int, default=0)
+    soak.add_argument("--udp-sessions", type=int, default=4, help="new UDP sockets per round")
+    soak.add_argument(
+        "--udp-settle", type=float, default=0.0, help="seconds from the last datagram to the end"
+    )
+    soak.add_argument("--dns-server", help="resolver to query; no DNS without it")
+    soak.add_argument("--dns-name", default="name.test", help="a name with A and TXT records")
+    soak.add_argument("--dns-expect", help="the A record of --dns-name and its subdomains")
+    soak.add_argument("--dns-new-names", type=int, default=6, help="new names per round")
     args = parser.parse_args()
     commands = {"load": cmd_load, "probe": cmd_probe, "soak": cmd_soak}
     asyncio.run(commands[args.command](args))

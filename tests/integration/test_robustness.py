@@ -306,6 +306,7 @@ def test_password_and_token_never_in_logs_errors_api_or_process_title(
     }
     # `tun2socks status` with the token (from the config) and with a wrong one (an error).
     status = [*bed.cli_prefix(), *bedlib.tun2socks_command(), "status"]
+    monkeypatch.setenv(bedlib.PASSWORD_ENV, password)  # -c FILE: the whole file is read
     good = bedlib.run([*status, "-c", str(t2s.config_path)], timeout=30, check=False)
     assert good.returncode == 0, good.stderr
     monkeypatch.setenv("TUN2SOCKS_API_TOKEN", wrong_token)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import apiclient
 import bed as bedlib
 import pytest
 import yaml
@@ -219,6 +221,63 @@ def test_sigkill_leaves_a_record_that_down_undoes(
         0,
         f"nothing to undo: no records in {state_dir}",
     )
+
+
+def test_sigterm_under_heavy_traffic_exits_within_5_s_and_restores_the_system(
+    bed: bedlib.Bed,
+    start_tun2socks: bedlib.StartTun2socks,
+    artifact_dir: Path,
+    before: dict[str, list[str]],
+) -> None:
+    """Twelve endless transfers and a UDP echo stream run through the TUN when SIGTERM comes:
+    tun2socks exits 0 within 5 s, and routes, rules, addresses and the resolver are as they
+    were before it started. (Without route.auto: test_robustness.py.)"""
+
+    def resolver() -> str:
+        return bed.run_cli(["cat", "/etc/resolv.conf"], timeout=10).stdout
+
+    resolv_before = resolver()
+    bed.start_optional_servers(udp_echo=True)
+    extra = route_config(artifact_dir, mark=MARK, exclude=["203.0.113.0/24"], system_dns=True)
+    t2s = start_tun2socks(routes=False, extra=extra)
+    assert f"nameserver {bedlib.TUN_GW}" in resolver()
+    here = Path(__file__).resolve().parent
+    transfers = [sys.executable, str(here / "faultclient.py"), "transfers", "--host",
+                 bedlib.TARGET_IP, "--downloads", "6", "--uploads", "6"]  # fmt: skip
+    udp = [sys.executable, str(here / "udptool.py"), "echo", bedlib.TARGET_IP,
+           str(bedlib.UDP_ECHO_PORTS[0]), "--count", "1000000", "--timeout", "1"]  # fmt: skip
+    clients = [
+        subprocess.Popen(
+            [*bed.cli_prefix(), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for args in (transfers, udp)
+    ]
+    try:
+        assert clients[0].stdout is not None
+        ready, _, _ = select.select([clients[0].stdout], [], [], 60)
+        assert ready and "flowing" in clients[0].stdout.readline(), t2s.log_tail()
+
+        def udp_echoed() -> bool:
+            udp = apiclient.get_json(bed, "/stats")["components"]["udp"]
+            return bool(udp.get("sessions") and udp.get("datagrams_down", 0) > 20)
+
+        apiclient.wait_for("UDP echoes through the TUN", udp_echoed)
+        assert clients[1].poll() is None  # still echoing
+        started = time.monotonic()
+        returncode = t2s.stop(timeout=5.0)
+        elapsed = time.monotonic() - started
+    finally:
+        for client in clients:
+            client.kill()
+            client.communicate(timeout=10)
+    assert returncode == 0 and elapsed < 5.0, f"exit {returncode} after {elapsed:.1f} s"
+    assert snapshot(bed) == before
+    assert resolver() == resolv_before
+    assert list((artifact_dir / "state").iterdir()) == []
 
 
 def test_starting_twice_on_one_device_fails_with_a_clear_message(

@@ -20,6 +20,7 @@ RUNS = {
     "fuzz_tcp_stack.py": (600, ["-max_len=1500", "-len_control=0"]),
     "fuzz_socks5_reply.py": (30000, []),
     "fuzz_config.py": (1200, []),
+    "fuzz_dns.py": (2500, []),
 }
 
 pytestmark = pytest.mark.skipif(
