@@ -77,6 +77,31 @@ def test_download_100_mib_sha256(
     download_and_check(bed, URL, 100 * MIB, tmp_path / "download.bin")
 
 
+def test_one_gib_each_way_sha256(
+    bed: bedlib.Bed, tun2socks: bedlib.Tun2socks, tmp_path: Path
+) -> None:
+    """The speed work (offloads, 64 KiB segments) must not weaken correctness: 1 GiB each way."""
+    size = 1024 * MIB
+    download_and_check(bed, URL, size, tmp_path / "download.bin")
+    source = tmp_path / "upload.bin"
+    digest = hashlib.sha256()
+    block = hashlib.sha256(b"gib").digest() * (MIB // 32)
+    with open(source, "wb") as f:
+        for i in range(size // MIB):
+            chunk = i.to_bytes(8, "big") + block[8:]  # every MiB different
+            digest.update(chunk)
+            f.write(chunk)
+    try:
+        # -T streams the file (--data-binary would load 1 GiB into curl's memory).
+        proc = curl(bed, "-X", "POST", "-T", str(source), "-H", "Expect:", f"{URL}/upload",
+                    max_time=180)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        answer = json.loads(proc.stdout)
+        assert (answer["length"], answer["sha256"]) == (size, digest.hexdigest())
+    finally:
+        source.unlink(missing_ok=True)
+
+
 def test_upload_100_mib_sha256(
     bed: bedlib.Bed, tun2socks: bedlib.Tun2socks, tmp_path: Path
 ) -> None:
