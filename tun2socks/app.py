@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -284,11 +285,26 @@ async def _serve(settings: Settings, device: TunDevice) -> int:
     return 0
 
 
+def _raise_fd_limit(max_flows: int) -> None:
+    """Each flow holds an upstream socket: lift the soft fd limit (often 1024) to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = max_flows + 256  # the TUN, the API, DNS and UDP sockets, some slack
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        log.warning(
+            "open file limit %d is below limits.max_flows + 256 (%d): flows beyond it will fail",
+            hard,
+            needed,
+        )
+
+
 def run(settings: Settings, *, user: str | None = None) -> int:
     """Run until SIGINT or SIGTERM; the exit status. With `user`, the data path runs as that
     user in a child process (tun2socks.privileges)."""
     # Device, routes and resolver are set up before the loop starts and undone after it ended:
     # pyroute2's synchronous API runs a loop of its own.
+    _raise_fd_limit(settings.limits.max_flows)
     host = system.Host(settings)
     try:
         device = host.open_device()
