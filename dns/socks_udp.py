@@ -21,6 +21,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from tun2socks.outbound.socks5 import Socks5ReplyError
 from tun2socks.outbound.socks5_udp import UdpAssociation
 
+from .single_flight import SingleFlight
 from .upstreams import UdpUnsupported
 
 IPAddress = IPv4Address | IPv6Address
@@ -40,7 +41,7 @@ class SocksUdpExchange:
         self._associate = associate
         self._idle_timeout = idle_timeout
         self._association: UdpAssociation | None = None
-        self._opening: asyncio.Task[UdpAssociation] | None = None
+        self._opening = SingleFlight(self._open)
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._idle_timer: asyncio.TimerHandle | None = None
 
@@ -71,15 +72,7 @@ class SocksUdpExchange:
     async def _current(self) -> UdpAssociation:
         if self._association is not None and not self._association.closed:
             return self._association
-        if self._opening is None:
-            self._opening = asyncio.get_running_loop().create_task(self._open())
-            self._opening.add_done_callback(_consume_outcome)
-        opening = self._opening
-        try:
-            return await asyncio.shield(opening)
-        finally:
-            if opening.done() and self._opening is opening:
-                self._opening = None
+        return await self._opening.get()
 
     async def _open(self) -> UdpAssociation:
         try:
@@ -117,13 +110,7 @@ class SocksUdpExchange:
     async def close(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        if self._opening is not None:
-            self._opening.cancel()
+        await self._opening.cancel()
         if self._association is not None:
             self._association.close()
             self._association = None
-
-
-def _consume_outcome(task: asyncio.Task[UdpAssociation]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -22,7 +22,6 @@ which the forwarder checks against the question, not the ID. A failure raises (`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import socket
@@ -30,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
+
+from .single_flight import SingleFlight
 
 log = logging.getLogger("tun2socks.dns")
 
@@ -151,7 +152,7 @@ class TcpUpstream:
         self._connect = connect
         self._idle_timeout = idle_timeout
         self._stream: _DnsStream | None = None
-        self._opening: asyncio.Task[_DnsStream] | None = None
+        self._opening = SingleFlight(self._open)
 
     async def query(self, request: bytes) -> bytes:
         stream = await self._current()
@@ -167,17 +168,7 @@ class TcpUpstream:
     async def _current(self) -> _DnsStream:
         if self._stream is not None and not self._stream.closed:
             return self._stream
-        if self._opening is None:
-            self._opening = asyncio.get_running_loop().create_task(self._open())
-            # Read its outcome even when every query waiting for it gave up.
-            self._opening.add_done_callback(_consume_outcome)
-        opening = self._opening
-        try:
-            # shield: a query that gives up must not abort the connection others wait for
-            return await asyncio.shield(opening)
-        finally:
-            if opening.done() and self._opening is opening:
-                self._opening = None
+        return await self._opening.get()
 
     async def _open(self) -> _DnsStream:
         sock = await self._connect()
@@ -193,17 +184,9 @@ class TcpUpstream:
         return stream
 
     async def close(self) -> None:
-        if self._opening is not None:
-            self._opening.cancel()
-            with contextlib.suppress(BaseException):
-                await self._opening
+        await self._opening.cancel()
         if self._stream is not None:
             self._stream.close()
-
-
-def _consume_outcome(task: asyncio.Task[_DnsStream]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 class UdpUnsupported(Exception):
