@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from pathlib import Path
 
 import pytest
 import tun2socks_dns
 from dnslib import EDNS0, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from import_scan import IO_MODULES, imported_modules
 from tun2socks_dns.cache import CacheSettings, DnsCache
 from tun2socks_dns.fakeip import FakeIpPool
 from tun2socks_dns.hosts import DomainSet, StaticHosts
@@ -21,7 +21,7 @@ from tun2socks_dns.message import (
 from tun2socks_dns.resolver import Answer, Ask, Refuse, Resolver
 from tun2socks_dns.urls import parse_upstream
 
-FORBIDDEN_IMPORTS = {"asyncio", "socket", "os", "time", "select", "threading", "aiohttp"}
+FORBIDDEN_IMPORTS = IO_MODULES | {"aiohttp"}
 PURE_MODULES = ("cache", "fakeip", "hosts", "message", "resolver", "selection", "urls")
 
 
@@ -281,22 +281,12 @@ def test_bad_upstream_urls(text: str) -> None:
         parse_upstream(text)
 
 
-def _imported_modules(path: Path) -> set[str]:
-    modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            modules.add(node.module.split(".")[0])
-    return modules
-
-
 def test_pure_dns_modules_import_no_io() -> None:
     folder = Path(tun2socks_dns.__file__).parent
     offenders = {
-        name: sorted(_imported_modules(folder / f"{name}.py") & FORBIDDEN_IMPORTS)
+        name: sorted(imported_modules(folder / f"{name}.py") & FORBIDDEN_IMPORTS)
         for name in PURE_MODULES
-        if _imported_modules(folder / f"{name}.py") & FORBIDDEN_IMPORTS
+        if imported_modules(folder / f"{name}.py") & FORBIDDEN_IMPORTS
     }
     assert offenders == {}
-    assert {"asyncio", "socket"} <= _imported_modules(folder / "upstreams.py")  # the scan works
+    assert {"asyncio", "socket"} <= imported_modules(folder / "upstreams.py")  # the scan works

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import ipaddress
 import random
 import struct
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from import_scan import IO_MODULES, imported_modules
 from tcp_helpers import ADDRESSES, Client, established, make_stack, parse_packet, wrap
 
 import tun2socks.net
@@ -33,7 +33,7 @@ from tun2socks.net.udp import UdpDatagram
 
 CLIENT4, SERVER4 = ADDRESSES[4]
 CLIENT6, SERVER6 = ADDRESSES[6]
-FORBIDDEN_IMPORTS = {"asyncio", "socket", "os", "time", "select", "threading"}
+FORBIDDEN_IMPORTS = IO_MODULES
 
 
 def syn_packet(version: int = 4) -> bytes:
@@ -402,24 +402,14 @@ def test_rst_flags_alone_never_answered_for_unknown_flow() -> None:
 # ---------------------------------------------------------------- the sans-IO boundary
 
 
-def _imported_modules(path: Path) -> set[str]:
-    modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            modules.add(node.module.split(".")[0])
-    return modules
-
-
 def test_pure_modules_import_no_io() -> None:
     package = Path(tun2socks.net.__file__).parent
     paths = sorted(package.glob("*.py"))
     assert len(paths) >= 6
     offenders = {
-        path.name: sorted(_imported_modules(path) & FORBIDDEN_IMPORTS)
+        path.name: sorted(imported_modules(path) & FORBIDDEN_IMPORTS)
         for path in paths
-        if _imported_modules(path) & FORBIDDEN_IMPORTS
+        if imported_modules(path) & FORBIDDEN_IMPORTS
     }
     assert offenders == {}
 
@@ -427,4 +417,4 @@ def test_pure_modules_import_no_io() -> None:
 def test_import_scanner_sees_forbidden_imports(tmp_path: Path) -> None:
     module = tmp_path / "bad.py"
     module.write_text("import os.path\nfrom time import monotonic\nif True:\n    import socket\n")
-    assert _imported_modules(module) & FORBIDDEN_IMPORTS == {"os", "time", "socket"}
+    assert imported_modules(module) & FORBIDDEN_IMPORTS == {"os", "time", "socket"}
