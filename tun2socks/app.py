@@ -16,10 +16,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from tun2socks_dns.install import install as install_dns
-
-from tun2socks import api, privileges, system
 from tun2socks.device import DeviceError, TunDevice
+from tun2socks.host import privileges
+from tun2socks.host import routes as system
 from tun2socks.net.events import (
     DatagramReceived,
     DataReceived,
@@ -31,11 +30,13 @@ from tun2socks.net.events import (
     SendSpaceAvailable,
 )
 from tun2socks.net.stack import Stack, StackConfig
-from tun2socks.outbound import direct, ruled, socks5
+from tun2socks.observe import api
+from tun2socks.outbound import direct, routing, socks5
 from tun2socks.outbound.dialer import Dialer, DialError
 from tun2socks.outbound.socks5_wire import ReplyCode
 from tun2socks.relay import Relay
 from tun2socks.udp_relay import UdpRelay
+from tun2socks_dns.install import install as install_dns
 
 if TYPE_CHECKING:
     from tun2socks.config import Settings
@@ -81,7 +82,7 @@ class Engine:
         self.proxy = socks5.ProxyEndpoint.from_config(settings.proxy)
         # Keeps an outbound socket out of the TUN (route.mark / route.bind_interface), or None.
         self.protect_socket = direct.protector(settings.route.mark, settings.route.bind_interface)
-        self.dialer: Dialer = ruled.build_dialer(
+        self.dialer: Dialer = routing.build_dialer(
             settings, self.proxy, self.protect_socket, lambda address: self.domain_lookup(address)
         )
         # UDP through SOCKS5 UDP ASSOCIATE (or refused, as udp.when_unsupported says).
@@ -301,7 +302,7 @@ def _raise_fd_limit(max_flows: int) -> None:
 
 def run(settings: Settings, *, user: str | None = None) -> int:
     """Run until SIGINT or SIGTERM; the exit status. With `user`, the data path runs as that
-    user in a child process (tun2socks.privileges)."""
+    user in a child process (tun2socks.host.privileges)."""
     # Device, routes and resolver are set up before the loop starts and undone after it ended:
     # pyroute2's synchronous API runs a loop of its own.
     _raise_fd_limit(settings.limits.max_flows)

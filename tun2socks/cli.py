@@ -11,8 +11,9 @@ import pwd
 import sys
 from collections.abc import Sequence
 
-from tun2socks import __version__, check, down, exposure, logs, status
-from tun2socks.config import ConfigError, Settings, load_settings
+from tun2socks import __version__, logs
+from tun2socks.commands import check, down, status
+from tun2socks.config import ConfigError, Settings, exposure, load_settings
 
 EXIT_CONFIG_ERROR = 2  # the same code argparse uses for usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

@@ -13,7 +13,7 @@ Domain patterns use ``*`` for any run of characters (dots included) and ``?`` fo
 without case and without the trailing dot: ``*.example.com`` matches ``a.example.com`` and
 ``a.b.example.com`` but not ``example.com`` itself (list both for both).
 
-This module is pure: no sockets, no clock, no I/O; ``tun2socks.outbound.ruled`` applies it.
+This module is pure: no sockets, no clock, no I/O; ``tun2socks.outbound.routing`` applies it.
 """
 
 from __future__ import annotations

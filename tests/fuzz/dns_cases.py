@@ -40,6 +40,7 @@ from dnslib import (
     DNSQuestion,
     DNSRecord,
 )
+
 from tun2socks_dns.cache import CacheSettings, DnsCache
 from tun2socks_dns.fakeip import FakeIpPool
 from tun2socks_dns.hosts import DomainSet, StaticHosts

@@ -40,6 +40,8 @@ from typing import Any
 import dnsbed
 import yaml
 
+REPO = Path(__file__).resolve().parents[2]
+
 HERE = Path(__file__).resolve().parent
 HTTP_SERVER_SCRIPT = HERE / "httpserver.py"
 NET_CLIENT_SCRIPT = HERE / "netclient.py"
@@ -132,11 +134,10 @@ def run(
 
 
 def tun2socks_command() -> list[str]:
-    script = Path(sys.executable).with_name("tun2socks")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("tun2socks")
-    return [found] if found else [sys.executable, "-m", "tun2socks"]
+    """The working tree's tun2socks (never an installed copy), ready to prefix with
+    `ip netns exec` or setpriv: `env` passes the source paths through either."""
+    pythonpath = f"{REPO}:{REPO / 'dns'}"
+    return ["env", f"PYTHONPATH={pythonpath}", sys.executable, "-m", "tun2socks"]
 
 
 def process_rss_bytes(pid: int) -> int:

@@ -15,6 +15,9 @@ from typing import Any, cast
 
 import pytest
 from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
+
+from tun2socks.outbound.socks5 import Socks5ReplyError
+from tun2socks.outbound.socks5_udp import UdpAssociation
 from tun2socks_dns.cache import CacheSettings, DnsCache
 from tun2socks_dns.forwarder import DnsForwarder, ForwarderSettings
 from tun2socks_dns.hosts import StaticHosts
@@ -27,9 +30,6 @@ from tun2socks_dns.upstreams import (
     plain_tcp_connect,
     plain_udp_exchange,
 )
-
-from tun2socks.outbound.socks5 import Socks5ReplyError
-from tun2socks.outbound.socks5_udp import UdpAssociation
 
 LOOPBACK = IPv4Address("127.0.0.1")
 CLIENT = IPv4Address("198.18.254.1")

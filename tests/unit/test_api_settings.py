@@ -8,7 +8,7 @@ import pytest
 
 from tun2socks.cli import build_parser, build_settings
 from tun2socks.config import ConfigError, load_settings
-from tun2socks.snapshot import redacted_settings
+from tun2socks.observe.snapshot import redacted_settings
 
 PROXY = {"proxy.url": "socks5://127.0.0.1:1080"}
 TOKEN = "api-T0ken-5e3x"

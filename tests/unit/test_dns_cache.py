@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
+
 from tun2socks_dns.cache import CacheSettings, DnsCache
 from tun2socks_dns.message import client_reply, parse_query, question_key
 

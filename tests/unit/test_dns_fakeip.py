@@ -5,6 +5,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 import pytest
+
 from tun2socks_dns.fakeip import FakeIpPool, PoolExhausted
 
 

@@ -6,9 +6,10 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from pathlib import Path
 
 import pytest
-import tun2socks_dns
 from dnslib import EDNS0, QTYPE, RCODE, RR, TXT, A, DNSRecord
 from import_scan import IO_MODULES, imported_modules
+
+import tun2socks_dns
 from tun2socks_dns.cache import CacheSettings, DnsCache
 from tun2socks_dns.fakeip import FakeIpPool
 from tun2socks_dns.hosts import DomainSet, StaticHosts

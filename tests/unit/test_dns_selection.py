@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tun2socks_dns.selection import Outcome, Race, UpstreamHealth
 
 # --- health ------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tun2socks import cli, exposure
+from tun2socks import cli
+from tun2socks.config import exposure
 
 PASSWORD = "Zq7-sekret-Pw"
 

@@ -15,6 +15,7 @@ import pytest
 from dnslib import EDNS0, DNSError, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tun2socks_dns.message import FORMERR, parse_answer
 from tun2socks_dns.resolver import Ask, Refuse
 

@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.utils import PcapReader
 
-from tun2socks.pcap import LINKTYPE_RAW, RECORD_HEADER, Capture, PcapWriter, global_header
+from tun2socks.observe.pcap import LINKTYPE_RAW, RECORD_HEADER, Capture, PcapWriter, global_header
 
 V4 = bytes(IP(src="198.18.254.1", dst="198.19.0.10") / TCP(sport=40000, dport=80, flags="S"))
 V6 = bytes(IPv6(src="fd00::1", dst="fd00::2") / TCP(sport=40000, dport=80, flags="SA"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tun2socks.check import parse_target
 from tun2socks.cli import build_parser, main
+from tun2socks.commands.check import parse_target
 from tun2socks.config import ConfigError, load_settings
 
 PASSWORD = "route-Pw-71zq"

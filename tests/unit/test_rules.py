@@ -14,7 +14,7 @@ from tun2socks.config import RuleConfig
 from tun2socks.net.events import FlowRequested
 from tun2socks.outbound.dialer import DialError, Socks5Dialer
 from tun2socks.outbound.direct import DirectDialer
-from tun2socks.outbound.ruled import RuleDialer
+from tun2socks.outbound.routing import RuleDialer
 from tun2socks.outbound.socks5 import ProxyEndpoint
 from tun2socks.rules import Action, Decision, Rule, RuleSet
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tun2socks.cli import main
-from tun2socks.status import human_bytes, human_duration, render
+from tun2socks.commands.status import human_bytes, human_duration, render
 
 STATS: dict[str, Any] = {
     "uptime_s": 3725.5,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tun2socks import system_dns
-from tun2socks.system import describe
-from tun2socks.system_state import AlreadyRunning, StateError, StateFile, devices_with_state
+from tun2socks.host import resolver as system_dns
+from tun2socks.host.routes import describe
+from tun2socks.host.state import AlreadyRunning, StateError, StateFile, devices_with_state
 
 # --- the record and the lock -------------------------------------------------------------------
 

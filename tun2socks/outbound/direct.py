@@ -2,7 +2,7 @@
 
 The Linux form of Android's ``VpnService.protect()``. With ``route.auto`` every route leads into
 the TUN, so a plain socket opened here would come straight back to us. A protected socket does
-not: ``SO_MARK`` (``route.mark``) makes the policy rule that ``tun2socks.system`` adds ahead of
+not: ``SO_MARK`` (``route.mark``) makes the policy rule that ``tun2socks.host.routes`` adds ahead of
 the TUN's rules send it through the main table; ``SO_BINDTODEVICE`` (``route.bind_interface``)
 restricts its route lookup to the real interface. The same hook protects the sockets to the
 proxy (passed to ``socks5.connect`` as ``prepare_socket``).

@@ -22,11 +22,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from tun2socks import snapshot
+from tun2socks.observe import snapshot
 
 if TYPE_CHECKING:
     from tun2socks.app import Engine
-    from tun2socks.pcap import Capture
+    from tun2socks.observe.pcap import Capture
 
 PREFIX = "tun2socks"
 _NOT_NAME = re.compile(r"[^a-zA-Z0-9_]")

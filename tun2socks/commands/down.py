@@ -36,8 +36,8 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """0 when nothing is left to undo; 1 when something could not be undone or is in use."""
     # Imported here: pyroute2 is not needed for the other commands.
-    from tun2socks import system
-    from tun2socks.system_state import StateError, StateFile, devices_with_state
+    from tun2socks.host import routes as system
+    from tun2socks.host.state import StateError, StateFile, devices_with_state
 
     state_dir, device = DEFAULT_STATE_DIR, args.device
     if args.config is not None:

@@ -26,7 +26,7 @@ from typing import Any
 STATE_VERSION = 1
 LOCK_ATTEMPTS = 5
 
-Change = dict[str, Any]  # {"kind": "...", ...}: JSON, see tun2socks.system for the kinds
+Change = dict[str, Any]  # {"kind": "...", ...}: JSON, see tun2socks.host.routes for the kinds
 
 
 class StateError(Exception):

@@ -21,7 +21,7 @@ skip all that and use the main table as it is (way b); with ``route.mark`` or
 ``route.bind_interface`` the proxy needs no host route and gets none. The main table itself is
 never touched, so DHCP clients and network managers keep changing it as they like.
 
-Every change is recorded before it is made (``tun2socks.system_state``); ``restore`` undoes
+Every change is recorded before it is made (``tun2socks.host.state``); ``restore`` undoes
 them in reverse order, each in its own ``try`` so that one failure skips nothing, and
 ``tun2socks down`` does the same from the record a killed run left. pyroute2's synchronous API
 runs an event loop of its own: all of this happens before the asyncio loop starts or after it
@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tun2socks import system_dns
 from tun2socks.device import DeviceError, TunDevice
-from tun2socks.system_state import Change, StateError, StateFile
+from tun2socks.host import resolver as system_dns
+from tun2socks.host.state import Change, StateError, StateFile
 
 if TYPE_CHECKING:
     from tun2socks.config import Settings

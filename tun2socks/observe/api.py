@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tun2socks import snapshot
 from tun2socks.config import api_listen_address
-from tun2socks.pcap import Capture
+from tun2socks.observe import snapshot
+from tun2socks.observe.pcap import Capture
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -173,7 +173,7 @@ class Observer:
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        from tun2socks import metrics
+        from tun2socks.observe import metrics
 
         if self._registry is None:
             self._registry = metrics.registry(self.engine, self.uptime, self.capture)
@@ -224,7 +224,7 @@ class Observer:
         return web.json_response(self.capture.status())
 
     async def pcap_download(self, request: web.Request) -> web.StreamResponse:
-        headers = {"Content-Disposition": 'attachment; filename="tun2socks.pcap"'}
+        headers = {"Content-Disposition": 'attachment; filename="tun2socks.observe.pcap"'}
         if self.capture.file is not None:
             self.capture.flush()
             path = Path(self.capture.file)

@@ -18,7 +18,7 @@ from tun2socks.outbound.socks5 import format_host_port
 if TYPE_CHECKING:
     from tun2socks.app import Engine
     from tun2socks.config import Settings
-    from tun2socks.pcap import Capture
+    from tun2socks.observe.pcap import Capture
     from tun2socks.relay import Relay
 
 log = logging.getLogger(__name__)

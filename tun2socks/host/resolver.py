@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 
-from tun2socks.system_state import Change
+from tun2socks.host.state import Change
 
 log = logging.getLogger(__name__)
 

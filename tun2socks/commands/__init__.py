@@ -1,0 +1,1 @@
+"""The CLI subcommands other than run: check, down, status."""

@@ -1,0 +1,1 @@
+"""What tun2socks shows of itself: the control API, metrics, snapshots, packet capture."""
