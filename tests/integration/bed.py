@@ -37,8 +37,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import dnsbed
 import yaml
+
+from tests.integration import dnsbed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,11 +134,22 @@ def run(
     return proc
 
 
-def tun2socks_command() -> list[str]:
-    """The working tree's tun2socks (never an installed copy), ready to prefix with
-    `ip netns exec` or setpriv: `env` passes the source paths through either."""
+def python_command() -> list[str]:
+    """Python with the working tree's packages first on its path (never an installed copy),
+    ready to prefix with `ip netns exec` or setpriv: `env` passes the source paths through."""
     pythonpath = f"{REPO}:{REPO / 'dns'}"
-    return ["env", f"PYTHONPATH={pythonpath}", sys.executable, "-m", "tun2socks"]
+    return ["env", f"PYTHONPATH={pythonpath}", sys.executable]
+
+
+def tun2socks_command() -> list[str]:
+    """The working tree's tun2socks."""
+    return [*python_command(), "-m", "tun2socks"]
+
+
+def helper_command(module: str) -> list[str]:
+    """A helper program of this folder that imports its neighbours or tun2socks, run as a
+    module of the `tests` package (`python3 -m tests.integration.MODULE`)."""
+    return [*python_command(), "-m", f"tests.integration.{module}"]
 
 
 def process_rss_bytes(pid: int) -> int:

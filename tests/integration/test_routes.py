@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apiclient
-import bed as bedlib
 import pytest
 import yaml
+
+from tests.integration import apiclient
+from tests.integration import bed as bedlib
 
 pytestmark = [
     pytest.mark.integration,
