@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bed as bedlib
-
+from tests.integration import bed as bedlib
 from tun2socks.config import TunConfig
 
 from . import chart, memory, profile, report, rows, targets

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bed as bedlib
+from tests.integration import bed as bedlib
 
 HOLD_SERVER_SCRIPT = Path(__file__).resolve().parent / "holdserver.py"
 HOLD_PORT = 9009

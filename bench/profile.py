@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import bed as bedlib
+from tests.integration import bed as bedlib
 
 from .rows import LABEL_TUN, Runner
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import bed as bedlib
+from tests.integration import bed as bedlib
 
 LABEL_TUN = "tun2socks"
 LABEL_CEILING = "socks-danted"

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-import bed as bedlib  # noqa: E402
-import soakrun  # noqa: E402
+from tests.integration import bed as bedlib
+from tests.integration import soakrun
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 
 

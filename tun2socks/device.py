@@ -1,10 +1,11 @@
 """The TUN device: open/attach, configure, and move IP packets between the fd and the stack.
 
 The only module that touches /dev/net/tun. In offload mode every read and write carries a
-10-byte virtio_net_hdr. Reads may be TCP super-packets of up to 64 KiB whose checksum is only
-partial (NEEDS_CSUM: the stack must not verify them). Writes leave the checksum (NEEDS_CSUM with
-the pseudo-header sum in the checksum field) and the segmentation (GSO for TCP bigger than the
-MTU) to the kernel. Measurements: notes/tun-offload.md.
+10-byte virtio_net_hdr (its codec: net/vnet.py). Reads may be TCP super-packets of up to 64 KiB
+whose checksum is only partial (NEEDS_CSUM: the stack must not verify them). Writes leave the
+checksum (NEEDS_CSUM with the pseudo-header sum in the checksum field) and the segmentation (GSO
+for TCP bigger than the MTU) to the kernel. Measurements: notes/tun-offload.md. The link's MTU,
+addresses and state are set over netlink by host/link.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import socket
 import struct
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,8 +24,9 @@ from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
 import pytun
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+
+from tun2socks.host.link import LinkError, configure_link, link_exists
+from tun2socks.net.vnet import CHECKSUM_TRUSTED, VNET_HDR_LEN, vnet_header_for
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +40,10 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01  # we accept packets with partial checksums
 TUN_F_TSO4 = 0x02  # ... and TCP super-packets (requires TUN_F_CSUM)
 TUN_F_TSO6 = 0x04
-# linux/virtio_net.h
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_F_DATA_VALID = 2
-VIRTIO_NET_HDR_GSO_NONE = 0
-VIRTIO_NET_HDR_GSO_TCPV4 = 1
-VIRTIO_NET_HDR_GSO_TCPV6 = 4
-VNET_HDR_LEN = 10  # sizeof(struct virtio_net_hdr), the TUN default (TUNGETVNETHDRSZ)
-VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-# linux/if_addr.h: no duplicate address detection, so IPv6 addresses are usable at once.
-IFA_F_NODAD = 0x02
-RTN_LOCAL = 2  # linux/rtnetlink.h: route type of our own addresses
-IPV6_READY_TIMEOUT = 2.0  # seconds
-
 IFNAMSIZ = 16
 # A super-packet is at most 64 KiB; the slack lets us detect (and drop) anything bigger instead of
 # silently truncating it. Kept under glibc's 128 KiB mmap threshold so each read stays cheap.
 READ_SIZE = 65536 + VNET_HDR_LEN + 1014
-_CHECKSUM_TRUSTED = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
-_NEEDS_CSUM = VIRTIO_NET_HDR_F_NEEDS_CSUM
-_IPPROTO_TCP = 6
-_IPPROTO_UDP = 17
-_TCP_CHECK = 16  # offsetof(struct tcphdr, check)
-_UDP_CHECK = 6  # offsetof(struct udphdr, check)
-_HDR_COMPLETE = VNET_HDR.pack(0, 0, 0, 0, 0, 0)  # checksum already complete (ICMP, fragments)
-
 MAX_QUEUED_PACKETS = 4096
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
@@ -85,39 +65,6 @@ class DeviceStats:
     write_queue_drops: int = 0
     read_errors: int = 0
     write_errors: int = 0
-
-
-def vnet_header_for(packet: bytes, mtu: int) -> bytes:
-    """The virtio_net_hdr to write before `packet` in offload mode.
-
-    TCP and UDP carry only the pseudo-header sum (NEEDS_CSUM): the kernel finishes the checksum when
-    it must. TCP bigger than the MTU is marked GSO so the kernel can cut it into MTU-sized segments.
-    """
-    n = len(packet)
-    if n < 20:
-        return _HDR_COMPLETE
-    version = packet[0] >> 4
-    if version == 4:
-        ip_len = (packet[0] & 0x0F) * 4
-        if ip_len < 20 or packet[6] & 0x3F or packet[7]:  # MF or offset: not a whole datagram
-            return _HDR_COMPLETE
-        proto = packet[9]
-        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
-    elif version == 6:
-        # Only TCP/UDP right after the fixed header; with extension headers the stack's sum stays.
-        ip_len = 40
-        proto = packet[6]
-        gso_type = VIRTIO_NET_HDR_GSO_TCPV6
-    else:
-        return _HDR_COMPLETE
-    if proto == _IPPROTO_TCP and n >= ip_len + 20:
-        l4_len = ip_len + (packet[ip_len + 12] >> 4) * 4
-        if n > mtu:  # i.e. payload > mtu - ip header - tcp header
-            return VNET_HDR.pack(_NEEDS_CSUM, gso_type, l4_len, mtu - l4_len, ip_len, _TCP_CHECK)
-        return VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, ip_len, _TCP_CHECK)
-    if proto == _IPPROTO_UDP and n >= ip_len + 8:
-        return VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, ip_len, _UDP_CHECK)
-    return _HDR_COMPLETE
 
 
 class TunDevice:
@@ -150,7 +97,7 @@ class TunDevice:
     ) -> TunDevice:
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
             raise DeviceError(f"invalid device name {name!r} (1 to {IFNAMSIZ - 1} characters)")
-        created = not _link_exists(name)
+        created = not link_exists(name)
         tun = _open_with_offload(name) if offload else None
         effective_offload = tun is not None
         if tun is None:
@@ -159,7 +106,10 @@ class TunDevice:
             except OSError as exc:
                 raise DeviceError(_open_error(name, exc)) from None
         try:
-            _configure(name, mtu, addresses)
+            configure_link(name, mtu, addresses)
+        except LinkError as exc:
+            tun.close()
+            raise DeviceError(str(exc)) from None
         except BaseException:
             tun.close()
             raise
@@ -230,7 +180,7 @@ class TunDevice:
                 self.stats.read_errors += 1  # truncated or headless: never pass it on
                 continue
             if offload:
-                packets.append((data[VNET_HDR_LEN:], bool(data[0] & _CHECKSUM_TRUSTED)))
+                packets.append((data[VNET_HDR_LEN:], bool(data[0] & CHECKSUM_TRUSTED)))
                 nbytes += len(data) - VNET_HDR_LEN
             else:
                 packets.append((data, False))
@@ -338,15 +288,6 @@ class _Descriptor:
         os.close(self._fd)
 
 
-def _link_exists(name: str) -> bool:
-    # An ioctl on a socket of the current netns; /sys/class/net may belong to another netns.
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        return False
-    return True
-
-
 def _tunsetiff(name: str, flags: int) -> Any:
     """Create or attach to TUN `name` (pytun does TUNSETIFF), non-blocking and close-on-exec.
 
@@ -391,48 +332,3 @@ def _open_with_offload(name: str) -> Any:
         tun.close()
         return None
     return tun
-
-
-def _configure(name: str, mtu: int, addresses: Sequence[IPv4Interface | IPv6Interface]) -> None:
-    step = "look up"
-    try:
-        with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=name)[0]
-            step = f"set mtu {mtu} on"
-            ipr.link("set", index=index, mtu=mtu)
-            for iface in addresses:
-                step = f"add address {iface} to"
-                args: dict[str, object] = {
-                    "index": index,
-                    "address": str(iface.ip),
-                    "prefixlen": iface.network.prefixlen,
-                }
-                if iface.version == 6:
-                    args["flags"] = IFA_F_NODAD
-                try:
-                    ipr.addr("add", **args)
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise
-            step = "bring up"
-            ipr.link("set", index=index, state="up")
-            step = "wait for the IPv6 addresses of"
-            _wait_ipv6_local_routes(ipr, name, [a for a in addresses if a.version == 6])
-    except NetlinkError as exc:
-        if exc.code in (errno.EPERM, errno.EACCES):
-            raise DeviceError(f"cannot {step} {name}: need root or CAP_NET_ADMIN") from None
-        raise DeviceError(f"cannot {step} {name}: {os.strerror(exc.code)}") from None
-    except (OSError, IndexError) as exc:
-        raise DeviceError(f"cannot {step} {name}: {exc}") from None
-
-
-def _wait_ipv6_local_routes(ipr: Any, name: str, addresses: Sequence[IPv6Interface]) -> None:
-    # The kernel installs an IPv6 address's local route from a workqueue, even with NODAD:
-    # packets to the address are dropped until then, so return only once it is there.
-    deadline = time.monotonic() + IPV6_READY_TIMEOUT
-    for iface in addresses:
-        while ipr.route("get", dst=str(iface.ip))[0]["type"] != RTN_LOCAL:
-            if time.monotonic() > deadline:
-                log.warning("TUN %s: address %s not usable yet", name, iface)
-                return
-            time.sleep(0.002)

@@ -5,7 +5,8 @@ and key names with fuzzed values; `--set KEY=VALUE` overrides. Checked: `load_se
 nothing but ConfigError, its message is one line, and it never contains the proxy password
 (every input carries one, in a proxy URL, whatever else is wrong with it).
 
-Run: python3 tests/fuzz/fuzz_config.py -atheris_runs=200000 (see README.md).
+Run from the repository root (see README.md):
+    PYTHONPATH=.:dns python3 -m tests.fuzz.fuzz_config -atheris_runs=200000
 """
 
 from __future__ import annotations

@@ -8,20 +8,18 @@ changed, cut or extended; an upstream answer to a question asked earlier, from a
 `dns_cases.DnsCheck`'s: no exception, refusals counted and answered as the RFCs say, every
 reply packs within the client's limit, cache and pools within their caps.
 
-Run: python3 tests/fuzz/fuzz_dns.py -atheris_runs=200000 (see README.md).
+Run from the repository root (see README.md):
+    PYTHONPATH=.:dns python3 -m tests.fuzz.fuzz_dns -atheris_runs=200000
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 with atheris.instrument_imports(include=["tun2socks_dns", "dnslib"]):
-    import dns_cases
+    from tests.support import dns_cases
 
 MAX_STEPS = 24
 

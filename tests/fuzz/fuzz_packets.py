@@ -7,20 +7,18 @@ the checksums into the header and option parsers. The checks are `packet_cases.c
 Or a whole set of fragments, mutated, reordered, duplicated or cut short, into one stack
 (`packet_cases.check_fragments`): reassembly and its timer.
 
-Run: python3 tests/fuzz/fuzz_packets.py -atheris_runs=1000000 (see README.md).
+Run from the repository root (see README.md):
+    PYTHONPATH=.:dns python3 -m tests.fuzz.fuzz_packets -atheris_runs=1000000
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 with atheris.instrument_imports(include=["tun2socks"]):
-    import packet_cases
+    from tests.support import packet_cases
 
 
 def fragments(fdp: atheris.FuzzedDataProvider, trusted: bool) -> None:

@@ -6,7 +6,8 @@ reads exactly `reply_bytes_missing` bytes at a time never reads past the reply a
 the same reply as parsing the whole buffer; a parsed reply or UDP header builds back to the
 same bytes when the address is in canonical form.
 
-Run: python3 tests/fuzz/fuzz_socks5_reply.py -atheris_runs=1000000 (see README.md).
+Run from the repository root (see README.md):
+    PYTHONPATH=.:dns python3 -m tests.fuzz.fuzz_socks5_reply -atheris_runs=1000000
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import bed as bedlib
+from tests.integration import bed as bedlib
 
 API = "http://127.0.0.1:9090"
 MIB = 1024 * 1024

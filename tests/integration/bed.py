@@ -20,7 +20,6 @@ the next `up()`.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import re
@@ -29,16 +28,46 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import dnsbed
 import yaml
+
+from tests.integration import dnsbed, helpers_danted
+from tests.integration.bedprocs import (
+    STOP_TIMEOUT_S,
+    BedError,
+    StartTun2socks,
+    Tun2socks,
+    deep_merge,
+    delete_namespace,
+    delete_user,
+    exit_on_signal,
+    in_main_thread,
+    missing_requirements,
+    process_cpu_seconds,
+    process_rss_bytes,
+    reap_stale_beds,
+    run,
+    stop_process,
+    which,
+)
+
+# bedprocs' names that the tests and bench/ use as bed.X (one import for the whole bed)
+__all__ = [
+    "STOP_TIMEOUT_S",
+    "BedError",
+    "StartTun2socks",
+    "Tun2socks",
+    "missing_requirements",
+    "process_cpu_seconds",
+    "process_rss_bytes",
+    "run",
+    "stop_process",
+    "which",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,10 +102,6 @@ FAR_PROXY_PORT = 1083
 
 PASSWORD_ENV = "T2S_TEST_PROXY_PASSWORD"
 READY_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 5.0
-_NAME_RE = re.compile(r"^t2s[cs]-(\d+)(?:-\d+)?$")
-_USER_RE = re.compile(r"^t2su-(\d+)(?:-\d+)?$")
-
 _NS_SYSCTLS = (
     "net.ipv4.conf.all.rp_filter=0",
     "net.ipv4.conf.default.rp_filter=0",  # inherited by the TUN created later
@@ -88,127 +113,22 @@ _NS_SYSCTLS = (
 )
 
 
-class BedError(RuntimeError):
-    pass
-
-
-def missing_requirements(
-    *, iperf: bool = False, proxychains: bool = False, dns: bool = False
-) -> list[str]:
-    """What keeps the bed from running here; empty when it can run."""
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root (network namespaces)")
-    needed = {"ip": "iproute2", "danted": "dante-server", "curl": "curl", "useradd": "passwd"}
-    if iperf:
-        needed["iperf3"] = "iperf3"
-    if proxychains:
-        needed["proxychains4"] = "proxychains4"
-    if dns:
-        needed.update(dnsmasq="dnsmasq-base", dig="dnsutils", tshark="tshark")
-    missing += [f"{cmd} (Debian package {pkg})" for cmd, pkg in needed.items() if not which(cmd)]
-    return missing
-
-
-def which(command: str) -> str | None:
-    # root's PATH under sudo or CI may lack /usr/sbin, where danted and useradd live
-    path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
-    return shutil.which(command, path=path)
-
-
-def run(
-    args: Sequence[str], *, timeout: float, check: bool = True, input: bytes | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a command with a bounded time; on failure raise with its stderr."""
-    proc = subprocess.run(
-        list(args),
-        input=input.decode() if input is not None else None,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=None if input is not None else subprocess.DEVNULL,
-    )
-    if check and proc.returncode != 0:
-        raise BedError(f"{' '.join(args)} -> exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    return proc
+def python_command() -> list[str]:
+    """Python with the working tree's packages first on its path (never an installed copy),
+    ready to prefix with `ip netns exec` or setpriv: `env` passes the source paths through."""
+    pythonpath = f"{REPO}:{REPO / 'dns'}"
+    return ["env", f"PYTHONPATH={pythonpath}", sys.executable]
 
 
 def tun2socks_command() -> list[str]:
-    """The working tree's tun2socks (never an installed copy), ready to prefix with
-    `ip netns exec` or setpriv: `env` passes the source paths through either."""
-    pythonpath = f"{REPO}:{REPO / 'dns'}"
-    return ["env", f"PYTHONPATH={pythonpath}", sys.executable, "-m", "tun2socks"]
+    """The working tree's tun2socks."""
+    return [*python_command(), "-m", "tun2socks"]
 
 
-def process_rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise BedError(f"no VmRSS for pid {pid}")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _pid_alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    """SIGTERM, wait, then SIGKILL. Returns the exit code, or None if it had to be killed."""
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-        return None
-
-
-@dataclass
-class Tun2socks:
-    """One tun2socks process running in the client namespace."""
-
-    process: subprocess.Popen[bytes]
-    config_path: Path
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM; the exit code, or None if it did not exit within timeout (then killed)."""
-        return _stop_process(self.process, timeout)
-
-
-# what the `start_tun2socks` fixture yields: Bed.start_tun2socks with the log path filled in
-StartTun2socks = Callable[..., Tun2socks]
+def helper_command(module: str) -> list[str]:
+    """A helper program of this folder that imports its neighbours or tun2socks, run as a
+    module of the `tests` package (`python3 -m tests.integration.MODULE`)."""
+    return [*python_command(), "-m", f"tests.integration.{module}"]
 
 
 class Bed:
@@ -336,35 +256,9 @@ class Bed:
 
     def _danted_config(self, port: int, method: str, log_name: str) -> Path:
         path = self.workdir / f"danted-{port}.conf"
-        # dns=True: CONNECTs by name (SOCKS5 ATYP=DOMAINNAME) to the test zone are logged
-        by_name = "socks pass { from: 0/0 to: .test command: connect\n  log: connect }\n"
+        log_path = self.workdir / log_name
         path.write_text(
-            f"""logoutput: {self.workdir / log_name}
-internal: {SRV_VETH_IP} port = {port}
-external: lo
-external.rotation: route
-clientmethod: none
-socksmethod: {method}
-user.privileged: root
-user.unprivileged: nobody
-timeout.negotiate: 10
-# UDP: replies from any peer reach the client (endpoint-independent mapping), not only from
-# the destination the client wrote to. The relay's client-side socket gets a large receive
-# buffer (udpassociate rules below), so that a busy machine does not lose datagrams while
-# danted waits for the CPU.
-udp.connectdst: no
-client pass {{ from: 198.18.0.0/15 to: 0/0 }}
-client block {{ from: 0/0 to: 0/0 log: connect error }}
-{by_name if self.dns else ""}socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
-socks pass {{ from: 0/0 to: fd00:c8::/32 command: connect }}
-socks pass {{ from: 0/0 to: 198.19.0.0/16 command: udpassociate
-  internal.socket.so_rcvbuf: 4194304 }}
-socks pass {{ from: 0/0 to: fd00:c8::/32 command: udpassociate
-  internal.socket.so_rcvbuf: 4194304 }}
-socks pass {{ from: 198.19.0.0/16 to: 0/0 command: udpreply }}
-socks pass {{ from: fd00:c8::/32 to: 0/0 command: udpreply }}
-socks block {{ from: 0/0 to: 0/0 log: connect error }}
-"""
+            helpers_danted.bed_config(log_path, SRV_VETH_IP, port, method, by_name=self.dns)
         )
         return path
 
@@ -515,7 +409,7 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
             "proxy": {"url": self.proxy_url(auth=auth)},
             "log": {"level": "info"},
         }
-        return _deep_merge(config, extra or {})
+        return deep_merge(config, extra or {})
 
     def start_tun2socks(
         self,
@@ -587,19 +481,8 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
         if not any(name == "far-proxy" and proc.poll() is None for name, proc in self._servers):
             self._ns_sh(self.srv_ns, ["addr", "replace", f"{FAR_PROXY_IP}/32", "dev", "lo"])
             conf = self.workdir / "danted-far.conf"
-            conf.write_text(
-                f"""logoutput: {self.workdir / "danted-far.out"}
-internal: {FAR_PROXY_IP} port = {FAR_PROXY_PORT}
-external: {FAR_PROXY_IP}
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {{ from: 198.18.0.0/15 to: 0/0 }}
-socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
-socks block {{ from: 0/0 to: 0/0 log: connect error }}
-"""
-            )
+            log_path = self.workdir / "danted-far.out"
+            conf.write_text(helpers_danted.far_proxy_config(log_path, FAR_PROXY_IP, FAR_PROXY_PORT))
             pid_file = str(self.workdir / "danted-far.pid")
             danted = which("danted") or "danted"
             self._start_server("far-proxy", [danted, "-f", str(conf), "-p", pid_file, "-N", "1"])
@@ -656,11 +539,11 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
 
     def _install_cleanup(self) -> None:
         atexit.register(self.down)
-        if not _in_main_thread():
+        if not in_main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(signum) in (signal.SIG_DFL, None):
-                self._old_handlers[signum] = signal.signal(signum, _exit_on_signal)
+                self._old_handlers[signum] = signal.signal(signum, exit_on_signal)
 
     def down(self) -> None:
         """Undo everything, each step on its own so one failure skips nothing. Idempotent."""
@@ -674,19 +557,19 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
 
         attempt("stop tun2socks", self.stop_tun2socks)
         for name, proc in reversed(self._servers):
-            attempt(f"stop {name}", _stop_process, proc, 3.0)
+            attempt(f"stop {name}", stop_process, proc, 3.0)
         self._servers.clear()
         for item in reversed(self._created):
             kind, _, name = item.partition(":")
             if kind == "ns":
-                attempt(f"delete namespace {name}", _delete_namespace, name)
+                attempt(f"delete namespace {name}", delete_namespace, name)
             elif kind == "etc":
                 attempt(f"remove /etc/netns/{name}", shutil.rmtree, Path("/etc/netns") / name, True)
             elif kind == "user":
-                attempt(f"delete user {self.socks_user}", _delete_user, self.socks_user)
+                attempt(f"delete user {self.socks_user}", delete_user, self.socks_user)
         self._created.clear()
         for signum, handler in self._old_handlers.items():
-            if _in_main_thread() and signal.getsignal(signum) is _exit_on_signal:
+            if in_main_thread() and signal.getsignal(signum) is exit_on_signal:
                 attempt("restore signal handler", signal.signal, signum, handler)
         self._old_handlers.clear()
         atexit.unregister(self.down)
@@ -700,57 +583,3 @@ _instances = 0
 
 def _via(gateway: str) -> list[str]:
     return ["via", gateway, "dev", TUN_NAME, "onlink"]
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    # Treated like Ctrl-C: pytest stops the session (a SystemExit would only fail the current
-    # test) and unwinding runs finally blocks, fixture finalizers and atexit: the bed goes down.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _kill_namespace_processes(ns: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        proc = run(["ip", "netns", "pids", ns], timeout=10, check=False)
-        pids = [int(p) for p in proc.stdout.split()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
-            time.sleep(0.05)
-
-
-def _delete_namespace(ns: str) -> None:
-    _kill_namespace_processes(ns)
-    run(["ip", "netns", "del", ns], timeout=10)
-
-
-def _delete_user(user: str) -> None:
-    proc = run(["userdel", user], timeout=20, check=False)
-    if proc.returncode not in (0, 6):  # 6: no such user
-        raise BedError(f"userdel {user}: {proc.stderr.strip()}")
-
-
-def reap_stale_beds() -> None:
-    """Remove namespaces and users of beds whose process is gone (a killed earlier run)."""
-    listing = run(["ip", "netns", "list"], timeout=10, check=False).stdout
-    for line in listing.splitlines():
-        name = line.split()[0] if line.split() else ""
-        match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
-            with contextlib.suppress(BedError, subprocess.TimeoutExpired):
-                _delete_namespace(name)
-            shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
-    with open("/etc/passwd") as passwd:
-        users = [line.split(":", 1)[0] for line in passwd]
-    for user in users:
-        match = _USER_RE.match(user)
-        if match and not _pid_alive(int(match.group(1))):
-            with contextlib.suppress(BedError, subprocess.TimeoutExpired):
-                _delete_user(user)

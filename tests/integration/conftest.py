@@ -11,8 +11,9 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-import bed as bedlib  # this directory is on sys.path: pytest's rootdir-relative conftest import
 import pytest
+
+from tests.integration import bed as bedlib
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO / "test-artifacts" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -35,22 +36,50 @@ def artifact_dir(request: pytest.FixtureRequest) -> Path:
     return path
 
 
-@pytest.fixture
-def start_tun2socks(
-    bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
+@pytest.fixture(scope="module")
+def dns_bed(request: pytest.FixtureRequest) -> Iterator[bedlib.Bed]:
+    """A bed with dnsmasq (``Bed(dns=True)``, see dnsbed.py), one per test module: the client's
+    resolv.conf names an address that exists nowhere, so names resolve only through
+    tun2socks's DNS forwarder."""
+    missing = bedlib.missing_requirements(dns=True)
+    if missing:
+        pytest.skip("the DNS bed needs: " + ", ".join(missing))
+    module = request.module.__name__.rpartition(".")[2]
+    with bedlib.Bed(RUN_DIR / f"bed-dns-{module}", dns=True) as the_bed:
+        yield the_bed
+
+
+def _starter(
+    the_bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
 ) -> Iterator[bedlib.StartTun2socks]:
-    """Start (or restart with another config) the test's tun2socks; see Bed.start_tun2socks."""
-    started: list[bedlib.Tun2socks] = []
-    request.node.stash[STARTED_KEY] = started
+    """Start (or restart with another config) the test's tun2socks on `the_bed`, each with its
+    own log in the test's artifact directory; see Bed.start_tun2socks."""
+    started = request.node.stash.setdefault(STARTED_KEY, [])  # log tails in failure reports
 
     def start(**kwargs: Any) -> bedlib.Tun2socks:
         log_path = artifact_dir / f"tun2socks-{len(started)}.log"
-        t2s = bed.start_tun2socks(log_path, **kwargs)
+        t2s = the_bed.start_tun2socks(log_path, **kwargs)
         started.append(t2s)
         return t2s
 
     yield start
-    bed.stop_tun2socks()
+    the_bed.stop_tun2socks()
+
+
+@pytest.fixture
+def start_tun2socks(
+    bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[bedlib.StartTun2socks]:
+    """Start tun2socks on the session's bed (stopped after the test)."""
+    yield from _starter(bed, artifact_dir, request)
+
+
+@pytest.fixture
+def start_dns_tun2socks(
+    dns_bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[bedlib.StartTun2socks]:
+    """Start tun2socks on the module's DNS bed (stopped after the test)."""
+    yield from _starter(dns_bed, artifact_dir, request)
 
 
 @pytest.fixture

@@ -65,6 +65,54 @@ def loopback_config(
     )
 
 
+def bed_config(log_path: Path, internal: str, port: int, method: str, *, by_name: bool) -> str:
+    """The configuration of the bed's proxies (bed.py): on `internal`, clients of the TUN's
+    prefixes, CONNECT and UDP ASSOCIATE to the bed's target prefixes; `method` none or
+    username. by_name: CONNECTs by name (SOCKS5 ATYP=DOMAINNAME) to the test zone are logged."""
+    by_name_rule = "socks pass { from: 0/0 to: .test command: connect\n  log: connect }\n"
+    return f"""logoutput: {log_path}
+internal: {internal} port = {port}
+external: lo
+external.rotation: route
+clientmethod: none
+socksmethod: {method}
+user.privileged: root
+user.unprivileged: nobody
+timeout.negotiate: 10
+# UDP: replies from any peer reach the client (endpoint-independent mapping), not only from
+# the destination the client wrote to. The relay's client-side socket gets a large receive
+# buffer (udpassociate rules below), so that a busy machine does not lose datagrams while
+# danted waits for the CPU.
+udp.connectdst: no
+client pass {{ from: 198.18.0.0/15 to: 0/0 }}
+client block {{ from: 0/0 to: 0/0 log: connect error }}
+{by_name_rule if by_name else ""}socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
+socks pass {{ from: 0/0 to: fd00:c8::/32 command: connect }}
+socks pass {{ from: 0/0 to: 198.19.0.0/16 command: udpassociate
+  internal.socket.so_rcvbuf: 4194304 }}
+socks pass {{ from: 0/0 to: fd00:c8::/32 command: udpassociate
+  internal.socket.so_rcvbuf: 4194304 }}
+socks pass {{ from: 198.19.0.0/16 to: 0/0 command: udpreply }}
+socks pass {{ from: fd00:c8::/32 to: 0/0 command: udpreply }}
+socks block {{ from: 0/0 to: 0/0 log: connect error }}
+"""
+
+
+def far_proxy_config(log_path: Path, address: str, port: int) -> str:
+    """A no-auth proxy on `address` that connects out from that address (bed.start_far_proxy)."""
+    return f"""logoutput: {log_path}
+internal: {address} port = {port}
+external: {address}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 198.18.0.0/15 to: 0/0 }}
+socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
+socks block {{ from: 0/0 to: 0/0 log: connect error }}
+"""
+
+
 @dataclass
 class DantedProcess:
     process: subprocess.Popen[bytes]

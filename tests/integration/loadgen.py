@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
 
-import soakudp
+from tests.integration import soakudp
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import bed as bedlib
+from tests.integration import bed as bedlib
 
 HERE = Path(__file__).resolve().parent
 ASYNC_SERVERS = HERE / "asyncservers.py"
-LOADGEN = HERE / "loadgen.py"
+LOADGEN = bedlib.helper_command("loadgen")  # a command: loadgen imports soakudp
 ASYNC_SOCKS_PORT = 1090
 ECHO_PORT = 7100
 KILLABLE_SOCKS_PORT = 1084

@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import select
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import apiclient
-import bed as bedlib
-import dnsbed
-import robust_helpers as rh
+from tests.integration import apiclient, dnsbed
+from tests.integration import bed as bedlib
+from tests.integration import robust_helpers as rh
 
 FLAT_TOLERANCE = 0.05
 START_FRACTION = 0.25
@@ -47,7 +45,7 @@ def soak_config(bed: bedlib.Bed) -> dict[str, Any]:
 
 def traffic_args(bed: bedlib.Bed, duration: float) -> list[str]:
     args = [
-        sys.executable, str(rh.LOADGEN), "soak",
+        *rh.LOADGEN, "soak",
         "--http-host", bedlib.TARGET_IP, "--http-host6", bedlib.TARGET_IP6,
         "--echo-host", bedlib.TARGET_IP, "--echo-port", str(rh.ECHO_PORT),
         "--udp-host", bedlib.TARGET_IP, "--udp-host6", bedlib.TARGET_IP6,

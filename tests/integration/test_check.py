@@ -11,9 +11,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import bed as bedlib
 import pytest
 import yaml
+
+from tests.integration import bed as bedlib
 
 pytestmark = [
     pytest.mark.integration,

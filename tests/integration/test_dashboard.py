@@ -8,9 +8,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-import apiclient
-import bed as bedlib
 import pytest
+
+from tests.integration import apiclient
+from tests.integration import bed as bedlib
 
 HERE = Path(__file__).resolve().parent
 BROWSER_SCRIPT = HERE / "dashboard_browser.py"

@@ -21,7 +21,8 @@ import pytest
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netns import popns, pushns  # type: ignore[import-untyped]
 
-from tun2socks.device import VNET_HDR, DeviceError, TunDevice, vnet_header_for
+from tun2socks.device import DeviceError, TunDevice
+from tun2socks.net.vnet import VNET_HDR, vnet_header_for
 
 if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("ip") is None:
     pytest.skip(
@@ -401,7 +402,7 @@ def test_busy_device_is_a_clear_error(open_device: Callable[..., TunDevice]) -> 
 
 DEVICE_ERROR_PROBE = """
 from ipaddress import IPv4Interface
-from tun2socks.device import VNET_HDR, DeviceError, TunDevice, vnet_header_for
+from tun2socks.device import DeviceError, TunDevice
 try:
     TunDevice.open("t2s0", mtu=1500, addresses=[IPv4Interface("198.18.77.1/24")], offload=False)
 except DeviceError as exc:

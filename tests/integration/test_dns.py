@@ -1,8 +1,8 @@
 """The DNS forwarder end to end: real dig and curl in the client namespace, a real dnsmasq in the
 server namespace that the client can reach only through the SOCKS5 proxy (see dnsbed.py).
 
-The bed of this module has its own namespaces (``Bed(dns=True)``): the client's resolv.conf
-names 192.0.2.53, an address that exists nowhere, so every name lookup works only if
+The bed of this module has its own namespaces (the ``dns_bed`` fixture): the client's
+resolv.conf names 192.0.2.53, an address that exists nowhere, so every name lookup works only if
 tun2socks answers it.
 """
 
@@ -15,14 +15,14 @@ import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bed as bedlib
-import conftest
-import dnsbed
 import pytest
+
+from tests.integration import bed as bedlib
+from tests.integration import dnsbed
 
 pytestmark = [
     pytest.mark.integration,
@@ -33,7 +33,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-RUN_DIR = REPO / "test-artifacts" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-dns"
 RESOLVER = dnsbed.CLIENT_RESOLVER
 NOWHERE = "203.0.113.9"  # another address that exists nowhere
 NOWHERE6 = "fd00:5353::53"
@@ -45,18 +44,9 @@ SMALL_BODY = "hello from the tun2socks test server\n"
 Start = Callable[..., bedlib.Tun2socks]
 
 
-@pytest.fixture(scope="module")
-def dns_bed() -> Iterator[bedlib.Bed]:
-    with bedlib.Bed(RUN_DIR / "bed", dns=True) as the_bed:
-        yield the_bed
-
-
 @pytest.fixture
-def start(dns_bed: bedlib.Bed, request: pytest.FixtureRequest) -> Iterator[Start]:
-    """start(**dns settings) -> tun2socks with that `dns:` section (stopped after the test)."""
-    artifacts = RUN_DIR / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    started: list[bedlib.Tun2socks] = []
-    request.node.stash[conftest.STARTED_KEY] = started  # log tails in failure reports
+def start(start_dns_tun2socks: bedlib.StartTun2socks) -> Start:
+    """start(**dns settings) -> tun2socks on the DNS bed with that `dns:` section."""
 
     def run(proxy: str | None = None, **dns: Any) -> bedlib.Tun2socks:
         extra: dict[str, Any] = {
@@ -65,13 +55,9 @@ def start(dns_bed: bedlib.Bed, request: pytest.FixtureRequest) -> Iterator[Start
         }
         if proxy is not None:
             extra["proxy"] = {"url": proxy}
-        log_path = artifacts / f"tun2socks-{len(started)}.log"
-        t2s = dns_bed.start_tun2socks(log_path, extra=extra)
-        started.append(t2s)
-        return t2s
+        return start_dns_tun2socks(extra=extra)
 
-    yield run
-    dns_bed.stop_tun2socks()
+    return run
 
 
 def dig(bed: bedlib.Bed, *args: str, server: str = RESOLVER, wait: float = 4.0) -> str:

@@ -7,8 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import bed as bedlib
 import pytest
+
+from tests.integration import bed as bedlib
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "netns-demo.sh"

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import bed as bedlib
 import pytest
-import robust_helpers as rh
+
+from tests.integration import bed as bedlib
+from tests.integration import robust_helpers as rh
 
 pytestmark = [
     pytest.mark.integration,
@@ -38,7 +38,7 @@ class LoadGen:
 
     def __init__(self, bed: bedlib.Bed, args: list[str]) -> None:
         self.proc = subprocess.Popen(
-            [*bed.cli_prefix(), sys.executable, str(rh.LOADGEN), "load", *args],
+            [*bed.cli_prefix(), *rh.LOADGEN, "load", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -78,7 +78,7 @@ def test_10000_connections_half_idle_half_moving_data(
         )
         # Warm up (imports, first allocations) before the baseline is taken.
         warm = bed.run_cli(
-            [sys.executable, str(rh.LOADGEN), "probe", "--host", bedlib.TARGET_IP,
+            [*rh.LOADGEN, "probe", "--host", bedlib.TARGET_IP,
              "--port", str(rh.ECHO_PORT), "--duration", "1", "--interval", "0.02"],
             timeout=30,
         )  # fmt: skip

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import apiclient
-import bed as bedlib
-import httpserver
 import pytest
-import robust_helpers as rh
+
+from tests.integration import apiclient, httpserver
+from tests.integration import bed as bedlib
+from tests.integration import robust_helpers as rh
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,7 +37,7 @@ pytestmark = [
 
 HERE = Path(__file__).resolve().parent
 FAULT_CLIENT = HERE / "faultclient.py"
-SYN_FLOOD = HERE / "synflood.py"
+SYN_FLOOD = bedlib.helper_command("synflood")
 URL = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}"
 MIB = 1 << 20
 TOKEN_ENV = "T2S_TEST_API_TOKEN"
@@ -97,11 +97,11 @@ def test_syn_flood_keeps_the_half_open_cap_and_real_connections_succeed(
             extra={"proxy": {"url": proxy_url}, "limits": {"max_half_open": max_half_open}}
         )
         base_rss, base_fds = rh.rss(t2s.pid), rh.fd_count(t2s.pid)
-        flood = cli_popen(bed, [sys.executable, str(SYN_FLOOD), "--device", bedlib.TUN_NAME,
+        flood = cli_popen(bed, [*SYN_FLOOD, "--device", bedlib.TUN_NAME,
                                 "--dst", bedlib.TARGET_IP, "--dport", str(rh.ECHO_PORT),
                                 "--count", "100000", "--timeout", "60"])  # fmt: skip
         time.sleep(1.0)  # the cap is reached within the first second
-        probe = cli_popen(bed, [sys.executable, str(rh.LOADGEN), "probe", "--host",
+        probe = cli_popen(bed, [*rh.LOADGEN, "probe", "--host",
                                 bedlib.TARGET_IP, "--port", str(rh.ECHO_PORT),
                                 "--duration", "15", "--interval", "0.1"])  # fmt: skip
         peak_rss, peak_fds = base_rss, base_fds
@@ -218,7 +218,7 @@ def test_tun_briefly_unwritable_loses_nothing(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     jammer = subprocess.Popen(
-        [sys.executable, str(HERE / "tunjammer.py"), "--pid", str(tun2socks.pid),
+        [*bedlib.helper_command("tunjammer"), "--pid", str(tun2socks.pid),
          "--seconds", "12"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apiclient
-import bed as bedlib
 import pytest
 import yaml
+
+from tests.integration import apiclient
+from tests.integration import bed as bedlib
 
 pytestmark = [
     pytest.mark.integration,
@@ -373,7 +374,7 @@ def _launch(bed: bedlib.Bed, args: list[str], log_path: Path) -> subprocess.Pope
 
 
 def _stop(process: subprocess.Popen[bytes]) -> int | None:
-    return bedlib._stop_process(process, bedlib.STOP_TIMEOUT_S)
+    return bedlib.stop_process(process, bedlib.STOP_TIMEOUT_S)
 
 
 def test_device_from_a_descriptor_handed_over_by_a_parent(

@@ -3,20 +3,18 @@
 
 60 s rather than the 2 minutes of the issue: the CI run's pytest step has a hard 13-minute
 budget shared by every test. `python -m bench.soak` runs the same for 20 minutes. The bed has
-dnsmasq (`Bed(dns=True)`), so this module has its own.
+dnsmasq (the `dns_bed` fixture).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import bed as bedlib
-import conftest
 import pytest
-import soakrun
+
+from tests.integration import bed as bedlib
+from tests.integration import soakrun
 
 pytestmark = [
     pytest.mark.integration,
@@ -29,25 +27,11 @@ pytestmark = [
 DURATION_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def dns_bed() -> Iterator[bedlib.Bed]:
-    with bedlib.Bed(conftest.RUN_DIR / "bed-soak", dns=True) as the_bed:
-        yield the_bed
-
-
 def test_soak_keeps_rss_and_open_fds_flat(
-    dns_bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
+    dns_bed: bedlib.Bed, start_dns_tun2socks: bedlib.StartTun2socks, artifact_dir: Path
 ) -> None:
-    started: list[bedlib.Tun2socks] = []
-    request.node.stash[conftest.STARTED_KEY] = started  # log tails in failure reports
-
-    def start(**kwargs: Any) -> bedlib.Tun2socks:
-        t2s = dns_bed.start_tun2socks(artifact_dir / "tun2socks.log", **kwargs)
-        started.append(t2s)
-        return t2s
-
     try:
-        result = soakrun.run(dns_bed, start, DURATION_S)
+        result = soakrun.run(dns_bed, start_dns_tun2socks, DURATION_S)
     finally:
         dns_bed.stop_tun2socks()
     (artifact_dir / "soak.json").write_text(json.dumps(result, indent=1))

@@ -12,6 +12,15 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.integration.helpers_danted import (
+    DantedProcess,
+    create_system_user,
+    danted_skip_reason,
+    free_tcp_port,
+    loopback_config,
+    remove_system_user,
+    start_danted,
+)
 from tun2socks.outbound.socks5 import (
     ProxyEndpoint,
     Socks5AuthFailed,
@@ -28,16 +37,6 @@ from tun2socks.outbound.socks5_wire import (
     build_connect,
     build_greeting,
     build_reply,
-)
-
-from helpers_danted import (  # isort: skip  (tests/integration is on sys.path, not a package)
-    DantedProcess,
-    create_system_user,
-    danted_skip_reason,
-    free_tcp_port,
-    loopback_config,
-    remove_system_user,
-    start_danted,
 )
 
 pytestmark = pytest.mark.integration

@@ -12,6 +12,13 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
+from tests.integration.helpers_danted import (
+    DantedProcess,
+    danted_skip_reason,
+    free_tcp_port,
+    loopback_config,
+    start_danted,
+)
 from tun2socks.outbound.socks5 import ProxyEndpoint, Socks5ProxyUnreachable, Socks5ReplyError
 from tun2socks.outbound.socks5_udp import DatagramTooLarge, UdpAssociation, associate
 from tun2socks.outbound.socks5_wire import (
@@ -19,14 +26,6 @@ from tun2socks.outbound.socks5_wire import (
     build_reply,
     build_udp_datagram,
     parse_address,
-)
-
-from helpers_danted import (  # isort: skip  (tests/integration is on sys.path, not a package)
-    DantedProcess,
-    danted_skip_reason,
-    free_tcp_port,
-    loopback_config,
-    start_danted,
 )
 
 pytestmark = pytest.mark.integration

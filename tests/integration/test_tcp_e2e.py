@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import bed as bedlib
-import httpserver
 import pytest
+
+from tests.integration import bed as bedlib
+from tests.integration import httpserver
 
 pytestmark = [
     pytest.mark.integration,

@@ -12,14 +12,12 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import bed as bedlib
-import conftest
-import dnsbed
 import pytest
+
+from tests.integration import bed as bedlib
+from tests.integration import dnsbed
 
 pytestmark = [
     pytest.mark.integration,
@@ -163,20 +161,9 @@ def test_iperf3_udp_loss_under_one_percent(bed: bedlib.Bed, tun2socks: bedlib.Tu
     assert total["lost_percent"] < 1.0, total
 
 
-@pytest.fixture(scope="module")
-def dns_bed() -> Iterator[bedlib.Bed]:
-    """A bed with dnsmasq (dnsbed.py): the client's resolver exists nowhere, so names resolve
-    only through tun2socks' DNS forwarder."""
-    missing = bedlib.missing_requirements(dns=True)
-    if missing:
-        pytest.skip("needs " + ", ".join(missing))
-    with bedlib.Bed(conftest.RUN_DIR / "bed-udp-dns", dns=True) as the_bed:
-        yield the_bed
-
-
 @needs("microsocks", "microsocks")
 def test_proxy_without_udp_associate_refuses_udp_at_once_and_dns_still_works(
-    dns_bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
+    dns_bed: bedlib.Bed, start_dns_tun2socks: bedlib.StartTun2socks
 ) -> None:
     dns_bed.start_optional_servers(microsocks=True, udp_echo=True)
     extra = {
@@ -184,8 +171,7 @@ def test_proxy_without_udp_associate_refuses_udp_at_once_and_dns_still_works(
         "proxy": {"url": MICROSOCKS_URL, "pipeline": False},
         "dns": {"upstreams": [f"tcp://{bedlib.TARGET_IP}"], "timeout": 5.0},
     }
-    t2s = dns_bed.start_tun2socks(artifact_dir / "tun2socks.log", extra=extra)
-    request.node.stash[conftest.STARTED_KEY] = [t2s]
+    t2s = start_dns_tun2socks(extra=extra)
     try:
         for version in (4, 6, 4):
             started = time.monotonic()

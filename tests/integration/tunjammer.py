@@ -17,8 +17,7 @@ import sys
 import threading
 import time
 
-import robust_helpers as rh
-
+from tests.integration import robust_helpers as rh
 from tun2socks.net.udp import UdpDatagram
 
 VNET_HDR = bytes(10)  # no offload flags: the kernel checks the (wrong) checksum and drops

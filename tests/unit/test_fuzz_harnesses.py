@@ -7,13 +7,15 @@ a failed check) makes libFuzzer exit non-zero and leaves the input in the test's
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-FUZZ_DIR = Path(__file__).resolve().parents[1] / "fuzz"
+REPO = Path(__file__).resolve().parents[2]
+FUZZ_DIR = REPO / "tests" / "fuzz"
 # harness -> (inputs, extra libFuzzer flags); about 2-5 s each on a loaded 2-core machine.
 RUNS = {
     "fuzz_packets.py": (6000, []),
@@ -38,14 +40,17 @@ def test_harness_short_run(harness: str, tmp_path: Path) -> None:
     runs, flags = RUNS[harness]
     command = [
         sys.executable,
-        str(FUZZ_DIR / harness),
+        "-m",
+        f"tests.fuzz.{harness.removesuffix('.py')}",
         f"-atheris_runs={runs}",
         f"-artifact_prefix={tmp_path}/",
         "-seed=1",  # reproducible in CI; the long runs use random seeds
         *flags,
     ]
+    # the working tree's packages, whatever is installed (and whatever the current directory)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'dns'}"}
     proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=180, cwd=tmp_path, check=False
+        command, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env, check=False
     )
     tail = "\n".join(proc.stderr.splitlines()[-25:])
     assert proc.returncode == 0, f"{harness} crashed:\n{tail}"

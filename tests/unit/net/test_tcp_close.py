@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tcp_helpers import (
+
+from tests.support.tcp_helpers import (
     Client,
     check,
     close_wait,
@@ -16,7 +17,6 @@ from tcp_helpers import (
     time_wait,
     wrap,
 )
-
 from tun2socks.net.events import DataReceived, EofReceived, FlowEnded, FlowRequested, FlowReset
 from tun2socks.net.tcp import ACK, FIN, PSH, RST, SYN
 from tun2socks.net.tcp_conn import TcpState

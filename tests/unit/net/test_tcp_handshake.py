@@ -6,7 +6,8 @@ import itertools
 from ipaddress import ip_address
 
 import pytest
-from tcp_helpers import (
+
+from tests.support.tcp_helpers import (
     CLIENT_PORT,
     SERVER_PORT,
     Client,
@@ -16,7 +17,6 @@ from tcp_helpers import (
     syn_sent,
     wrap,
 )
-
 from tun2socks.net.events import FlowRequested, FlowReset
 from tun2socks.net.tcp import ACK, FIN, RST, SYN
 from tun2socks.net.tcp_conn import TcpState

@@ -11,7 +11,8 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tcp_fuzz_model import (
+
+from tests.support.tcp_fuzz_model import (
     ACCEPT,
     ACK_OP,
     APP_RECEIVE,
@@ -28,7 +29,6 @@ from tcp_fuzz_model import (
     Scenario,
     ops_from_bytes,
 )
-
 from tun2socks.net.ip import IpPacket
 from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.net.tcp import ACK, RST, SYN, TcpSegment

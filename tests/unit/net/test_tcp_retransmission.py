@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from tcp_helpers import Client, check, established, syn_received, wrap
 
+from tests.support.tcp_helpers import Client, check, established, syn_received, wrap
 from tun2socks.net.events import FlowReset
 from tun2socks.net.tcp import ACK, FIN, PSH, RST
 from tun2socks.net.tcp_conn import TcpState

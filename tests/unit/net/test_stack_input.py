@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from import_scan import IO_MODULES, imported_modules
-from tcp_helpers import ADDRESSES, Client, established, make_stack, parse_packet, wrap
 
 import tun2socks.net
+from tests.support.import_scan import IO_MODULES, imported_modules
+from tests.support.tcp_helpers import ADDRESSES, Client, established, make_stack, parse_packet, wrap
 from tun2socks.net.checksum import checksum, pseudo_header_sum
 from tun2socks.net.events import DatagramReceived, FlowRequested
 from tun2socks.net.icmp import IcmpMessage

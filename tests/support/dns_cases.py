@@ -1,5 +1,5 @@
 """DNS cases shared by the atheris harness (fuzz_dns.py) and the hypothesis tests
-(tests/unit/test_fuzz_dns.py): client query templates, upstream answers for a question, a
+(tests/unit/dns/test_fuzz_dns.py): client query templates, upstream answers for a question, a
 mutator, and `DnsCheck`: the forwarder's pure core (`Resolver` with its cache, static hosts and
 fake-IP pools, all with tiny caps) plus the checks run on every message.
 

@@ -1,5 +1,5 @@
 """Packet cases shared by the atheris harness (fuzz_packets.py) and the hypothesis tests
-(tests/unit/test_fuzz_codecs.py): templates (valid packets, UDP with bad lengths, fragments),
+(tests/unit/net/test_fuzz_codecs.py): templates (valid packets, UDP with bad lengths, fragments),
 a checksum fixer and the checks.
 
 `check_packet(raw, trusted)` is one fuzz iteration: parsers raise nothing but MalformedPacket;

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from tun2socks.config import ConfigError, ProxyConfig, Settings, TunConfig, load_settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PASSWORD = "Zq7-sekret-Pw"
 
 WriteConfig = Callable[[str], str]

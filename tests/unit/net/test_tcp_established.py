@@ -8,8 +8,8 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tcp_helpers import Client, check, established, make_stack, wrap
 
+from tests.support.tcp_helpers import Client, check, established, make_stack, wrap
 from tun2socks.net.events import DataReceived, SendSpaceAvailable
 from tun2socks.net.tcp import ACK, PSH, SYN, TcpOptions
 from tun2socks.net.tcp_conn import TcpState

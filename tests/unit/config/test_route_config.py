@@ -151,5 +151,5 @@ def test_down_with_nothing_recorded(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize("name", ["ssh-dynamic.yaml", "dante.yaml"])
 def test_example_configs_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DANTE_PASSWORD", PASSWORD)
-    settings = load_settings(str(Path(__file__).resolve().parents[2] / "examples" / name))
+    settings = load_settings(str(Path(__file__).resolve().parents[3] / "examples" / name))
     assert settings.route.auto

@@ -8,20 +8,12 @@ Coverage-guided, the same runs longer under atheris (tests/fuzz/fuzz_packets.py)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tun2socks.net.ip import IpPacket, MalformedPacket
-
-# The harness's templates and checks are plain functions; its atheris import is only for
-# running it, so load them without atheris.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
-import packet_cases
-
+from tests.support import packet_cases
 from tun2socks.net.events import DatagramReceived
+from tun2socks.net.ip import IpPacket, MalformedPacket
 from tun2socks.net.stack import Stack, StackConfig
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, TXT, A, DNSRecord
-from import_scan import IO_MODULES, imported_modules
 
 import tun2socks_dns
+from tests.support.import_scan import IO_MODULES, imported_modules
 from tun2socks_dns.cache import CacheSettings, DnsCache
 from tun2socks_dns.fakeip import FakeIpPool
 from tun2socks_dns.hosts import DomainSet, StaticHosts

@@ -7,21 +7,16 @@ fake-IP pools stay within their caps. The same runs longer under atheris (fuzz_d
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from dnslib import EDNS0, DNSError, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import dns_cases
 from tun2socks_dns.message import FORMERR, parse_answer
 from tun2socks_dns.resolver import Ask, Refuse
-
-# The harness's cases are plain functions; its atheris import is only for running it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
-import dns_cases
 
 Mutation = tuple[list[tuple[int, int]], int | None, bytes]
 mutations = st.tuples(
