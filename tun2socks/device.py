@@ -27,6 +27,8 @@ import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tun2socks.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # linux/if_tun.h (x86_64 ioctl numbers: _IOW('T', n, int) = 0x400454nn, _IOR = 0x800454nn)
@@ -72,7 +74,7 @@ OnPackets = Callable[[list[tuple[bytes, bool]]], None]
 PacketTap = Callable[[bytes, bool], None]
 
 
-class DeviceError(Exception):
+class DeviceError(UserError):
     """The TUN device cannot be opened or configured; str() is one line for the user."""
 
 

@@ -49,6 +49,8 @@ from pydantic import (
     model_validator,
 )
 
+from tun2socks.errors import UserError
+
 try:
     from yaml import CSafeLoader as _YamlLoader
 except ImportError:  # PyYAML built without libyaml
@@ -78,8 +80,10 @@ MAX_AUTH_FIELD = 255  # RFC 1929: UNAME and PASSWD are 1..255 bytes
 URL_SHAPE = "socks5://[user[:password]@]host:port"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A configuration problem in one line: ``FILE:LINE: key.path: what is wrong``."""
+
+    exit_status = 2  # the same code argparse uses for usage errors
 
     def __init__(self, message: str, *, key: str | None = None, line: int | None = None) -> None:
         # One line whatever the user typed: a --set value may hold a newline.
