@@ -131,14 +131,14 @@ class UdpRelay:
             return
         if not self.enabled:
             self._warn_unsupported("udp.enabled is false")
-            self._refuse(datagram, now)
+            self._refuse(datagram)
             return
         if self._blocked(datagram):
             self.counters["refused_by_rule"] += 1
             self.port.refuse_datagram(datagram)
             return
         if now < self._unsupported_until:
-            self._refuse(datagram, now)
+            self._refuse(datagram)
             return
         session = self.nat.touch((datagram.src, datagram.src_port), now)
         if session is None:
@@ -153,14 +153,13 @@ class UdpRelay:
             else:
                 self.counters["dropped_pending_full"] += 1
             return
-        self._send(session, association, datagram, now)
+        self._send(session, association, datagram)
 
     def _send(
         self,
         session: _Session,
         association: UdpAssociation,
         datagram: DatagramReceived,
-        now: float,
     ) -> None:
         try:
             sent = association.send(datagram.dst, datagram.dst_port, datagram.payload)
@@ -213,9 +212,8 @@ class UdpRelay:
         log.debug("%s: associated, relay %s", session.describe(), association.relay)
         session.association = association
         pending, session.pending, session.pending_bytes = session.pending, [], 0
-        now = self.loop.time()
         for datagram in pending:
-            self._send(session, association, datagram, now)
+            self._send(session, association, datagram)
 
     def _association_failed(self, session: _Session, exc: Exception) -> None:
         now = self.loop.time()
@@ -230,7 +228,7 @@ class UdpRelay:
         self.nat.remove(session.key, session)
         session.closed = True
         for datagram in session.pending:
-            self._refuse(datagram, now)
+            self._refuse(datagram)
         session.pending = []
 
     def _warn_unsupported(self, why: str) -> None:
@@ -249,7 +247,7 @@ class UdpRelay:
             retry,
         )
 
-    def _refuse(self, datagram: DatagramReceived, now: float) -> None:
+    def _refuse(self, datagram: DatagramReceived) -> None:
         if self.refuse_with_icmp:
             self.counters["refused_unreachable"] += 1
             self.port.refuse_datagram(datagram)

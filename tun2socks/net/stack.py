@@ -198,9 +198,13 @@ class Stack:
 
     @property
     def has_events(self) -> bool:
+        """Whether `next_event` has something: events arise from `receive_packet`,
+        `handle_timer` and the flow calls below, never on their own."""
         return bool(self._events)
 
     def next_event(self) -> Event | None:
+        """The oldest event not taken yet, or None. Events of one flow come in order;
+        after its `FlowEnded` or `FlowReset` there are none for it."""
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
@@ -221,6 +225,8 @@ class Stack:
         return None
 
     def handle_timer(self, now: float) -> None:
+        """Run what is due at `now` (retransmissions, probes, idle and TIME-WAIT ends,
+        fragment expiry); calling it early or twice does nothing harmful."""
         if self.reassembler:
             self.reassembler.expire(now)
         timers = self._timers
@@ -319,9 +325,12 @@ class Stack:
         return conn
 
     def connection(self, flow_id: int) -> TcpConnection | None:
+        """The open flow's connection, for reading (tests, the API's view); None if closed.
+        The relay does not need it: the calls above answer its questions."""
         return self._by_id.get(flow_id)
 
     def connections(self) -> list[TcpConnection]:
+        """Every open flow's connection, for reading."""
         return list(self._by_id.values())
 
     @property
