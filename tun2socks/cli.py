@@ -2,7 +2,9 @@
 
 Settings come from defaults < ``-c FILE`` < ``--set KEY=VALUE`` < explicit flags (``--device``,
 ``--proxy``, ``--log-level``). A configuration error prints ``tun2socks: error: ...`` and
-exits 2; Ctrl-C exits 130 without a traceback.
+exits 2; the other errors a user can act on (`tun2socks.errors.UserError`: a device that
+cannot be opened, routes that cannot be set up, an API that cannot be asked, ...) print the
+same way and exit 1; Ctrl-C exits 130 without a traceback.
 """
 
 import argparse
@@ -14,8 +16,9 @@ from collections.abc import Sequence
 from tun2socks import __version__, logs
 from tun2socks.commands import check, down, status
 from tun2socks.config import ConfigError, Settings, exposure, load_settings
+from tun2socks.errors import UserError
 
-EXIT_CONFIG_ERROR = 2  # the same code argparse uses for usage errors
+EXIT_CONFIG_ERROR = ConfigError.exit_status
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
@@ -127,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "down":
             return down.run(args)
         return _run(args)
-    except ConfigError as err:
+    except UserError as err:
         print(f"tun2socks: error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return err.exit_status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytun
 
+from tun2socks.errors import UserError
 from tun2socks.host.link import LinkError, configure_link, link_exists
 from tun2socks.net.vnet import CHECKSUM_TRUSTED, VNET_HDR_LEN, vnet_header_for
 
@@ -52,7 +53,7 @@ OnPackets = Callable[[list[tuple[bytes, bool]]], None]
 PacketTap = Callable[[bytes, bool], None]
 
 
-class DeviceError(Exception):
+class DeviceError(UserError):
     """The TUN device cannot be opened or configured; str() is one line for the user."""
 
 

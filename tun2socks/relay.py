@@ -122,8 +122,7 @@ class Relay(asyncio.Protocol):
         transport = self.transport
         stack = self.engine.stack
         if self._upstream_gone:
-            conn = stack.connection(self.flow_id)
-            if conn is not None and conn.receive_window < conn.config.recv_buffer:
+            if stack.buffered(self.flow_id):
                 # The client sends to an upstream that no longer exists: it must learn it.
                 self.abort()
             return
@@ -134,8 +133,7 @@ class Relay(asyncio.Protocol):
             self.bytes_up += len(data)
             transport.write(data)
             self.engine.schedule_flush()  # the receive window opened
-        conn = stack.connection(self.flow_id)
-        if conn is not None and conn.at_eof and not self._eof_sent and not self._upstream_paused:
+        if not self._eof_sent and not self._upstream_paused and stack.at_eof(self.flow_id):
             self._eof_sent = True
             if transport.can_write_eof():
                 transport.write_eof()  # half-close maps to shutdown(SHUT_WR)

@@ -11,7 +11,7 @@ arrive while the association is being set up wait in a small bounded queue.
 Client -> remote: `datagram_received` (a `DatagramReceived` event from the stack) sends the
 payload through the session's association, addressed to the event's destination.
 Remote -> client: the association calls back with the remote peer; the reply goes into the
-TUN with `engine.send_datagram(src=remote, dst=client)`.
+TUN with `port.send_datagram(src=remote, dst=client)` (the engine's `DatagramPort`).
 
 A session ends when it has been idle (no datagram either way) for `udp.idle_timeout`, when
 its association's control connection closes (RFC 1928 section 7: the association dies with
@@ -39,11 +39,10 @@ from tun2socks.net.events import DatagramReceived
 from tun2socks.net.udp_nat import Endpoint, UdpNat
 from tun2socks.outbound.socks5 import ProxyEndpoint, Socks5Error, Socks5ReplyError
 from tun2socks.outbound.socks5_udp import DatagramTooLarge, UdpAssociation, associate
-from tun2socks.rules import Action
+from tun2socks.rules import Action, Decision
 
 if TYPE_CHECKING:
-    from tun2socks.config import Settings
-    from tun2socks.net.stack import Stack
+    from tun2socks.config import UdpConfig
 
 log = logging.getLogger("tun2socks.udp")
 
@@ -56,19 +55,17 @@ PENDING_BYTES = 256 * 1024
 _LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 
 
-class Engine(Protocol):
-    """What the relay needs from the program that owns the stack (`app.Engine`)."""
+Decide = Callable[[IPAddress, int, str], Decision]
 
-    settings: Settings
-    stack: Stack
-    loop: asyncio.AbstractEventLoop
-    proxy: ProxyEndpoint
+
+class ClientPort(Protocol):
+    """How the relay answers clients (`engine.DatagramPort`)."""
 
     def send_datagram(
         self, src: IPAddress, src_port: int, dst: IPAddress, dst_port: int, payload: bytes
     ) -> None: ...
 
-    def schedule_flush(self) -> None: ...
+    def refuse_datagram(self, datagram: DatagramReceived, *, mtu: int | None = None) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -91,14 +88,30 @@ class _Session:
 
 
 class UdpRelay:
-    """All UDP sessions of one engine; install as `engine.datagram_handler`."""
+    """All UDP sessions of one engine: the engine's handler of UDP to any other port.
 
-    def __init__(self, engine: Engine, *, prepare_socket: SocketHook | None = None) -> None:
-        config = engine.settings.udp
-        self.engine = engine
+    `proxy` carries the datagrams (`timeout`: for setting up an association); `decide` is
+    the rules' decision for a destination, None without rules (only `block` is applied).
+    """
+
+    def __init__(
+        self,
+        config: UdpConfig,
+        proxy: ProxyEndpoint,
+        port: ClientPort,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        timeout: float,
+        prepare_socket: SocketHook | None = None,
+        decide: Decide | None = None,
+    ) -> None:
+        self.proxy = proxy
+        self.port = port
+        self.loop = loop
+        self.decide = decide
         self.enabled = config.enabled
         self.refuse_with_icmp = config.when_unsupported == "unreachable"
-        self.timeout = engine.settings.proxy.connect_timeout
+        self.timeout = timeout
         # Protects the sockets to the proxy from routing back into the TUN (SO_MARK, ...).
         self.prepare_socket = prepare_socket
         self.nat: UdpNat[_Session] = UdpNat(config.max_sessions, config.idle_timeout)
@@ -111,22 +124,21 @@ class UdpRelay:
     # ---------------------------------------------------------------- client -> remote
 
     def datagram_received(self, datagram: DatagramReceived) -> None:
-        now = self.engine.loop.time()
+        now = self.loop.time()
         dst = datagram.dst
         if dst.is_multicast or dst.is_unspecified or dst == _LIMITED_BROADCAST:
             self.counters["dropped_not_unicast"] += 1  # a proxy cannot carry these
             return
         if not self.enabled:
             self._warn_unsupported("udp.enabled is false")
-            self._refuse(datagram, now)
+            self._refuse(datagram)
             return
         if self._blocked(datagram):
             self.counters["refused_by_rule"] += 1
-            self.engine.stack.refuse_datagram(datagram, now)
-            self.engine.schedule_flush()
+            self.port.refuse_datagram(datagram)
             return
         if now < self._unsupported_until:
-            self._refuse(datagram, now)
+            self._refuse(datagram)
             return
         session = self.nat.touch((datagram.src, datagram.src_port), now)
         if session is None:
@@ -141,14 +153,13 @@ class UdpRelay:
             else:
                 self.counters["dropped_pending_full"] += 1
             return
-        self._send(session, association, datagram, now)
+        self._send(session, association, datagram)
 
     def _send(
         self,
         session: _Session,
         association: UdpAssociation,
         datagram: DatagramReceived,
-        now: float,
     ) -> None:
         try:
             sent = association.send(datagram.dst, datagram.dst_port, datagram.payload)
@@ -158,25 +169,16 @@ class UdpRelay:
             mtu = exc.max_payload + 8 + ip_header
             log.debug("%s: %s", session.describe(), exc)
             self.counters["refused_too_big"] += 1
-            self.engine.stack.refuse_datagram(datagram, now, mtu=mtu)
-            self.engine.schedule_flush()
+            self.port.refuse_datagram(datagram, mtu=mtu)
             return
         self.counters["datagrams_up" if sent else "dropped_proxy_busy"] += 1
 
     def _blocked(self, datagram: DatagramReceived) -> bool:
-        """Whether a `block` rule matches (when the engine's dialer applies rules). `direct`
-        and named proxies are not applied to UDP yet: it goes through the default proxy."""
-        dialer = getattr(self.engine, "dialer", None)
-        decide = None
-        for _ in range(8):  # wrappers (the DNS dialer) name what they wrap `inner`
-            decide = getattr(dialer, "decide", None)
-            dialer = getattr(dialer, "inner", None)
-            if decide is not None or dialer is None:
-                break
-        if decide is None:
+        """Whether a `block` rule matches. `direct` and named proxies are not applied to UDP
+        yet: it goes through the default proxy."""
+        if self.decide is None:
             return False
-        decision = decide(datagram.dst, datagram.dst_port, "udp")
-        return getattr(decision, "action", None) is Action.BLOCK
+        return self.decide(datagram.dst, datagram.dst_port, "udp").action is Action.BLOCK
 
     # ---------------------------------------------------------------- sessions
 
@@ -186,14 +188,14 @@ class UdpRelay:
             log.debug("%s: closed to make room (udp.max_sessions)", evicted.describe())
             self._close(evicted)
         self.counters["sessions_total"] += 1
-        session.task = self.engine.loop.create_task(self._associate(session))
+        session.task = self.loop.create_task(self._associate(session))
         self._arm_timer()
         return session
 
     async def _associate(self, session: _Session) -> None:
         try:
             association = await associate(
-                self.engine.proxy,
+                self.proxy,
                 timeout=self.timeout,
                 prepare_socket=self.prepare_socket,
                 on_datagram=lambda host, port, data: self._reply(session, host, port, data),
@@ -210,12 +212,11 @@ class UdpRelay:
         log.debug("%s: associated, relay %s", session.describe(), association.relay)
         session.association = association
         pending, session.pending, session.pending_bytes = session.pending, [], 0
-        now = self.engine.loop.time()
         for datagram in pending:
-            self._send(session, association, datagram, now)
+            self._send(session, association, datagram)
 
     def _association_failed(self, session: _Session, exc: Exception) -> None:
-        now = self.engine.loop.time()
+        now = self.loop.time()
         self.counters["associate_failed"] += 1
         if isinstance(exc, Socks5ReplyError):
             # The proxy answered and said no: it has no UDP for us. Stop asking for a while.
@@ -227,7 +228,7 @@ class UdpRelay:
         self.nat.remove(session.key, session)
         session.closed = True
         for datagram in session.pending:
-            self._refuse(datagram, now)
+            self._refuse(datagram)
         session.pending = []
 
     def _warn_unsupported(self, why: str) -> None:
@@ -246,11 +247,10 @@ class UdpRelay:
             retry,
         )
 
-    def _refuse(self, datagram: DatagramReceived, now: float) -> None:
+    def _refuse(self, datagram: DatagramReceived) -> None:
         if self.refuse_with_icmp:
             self.counters["refused_unreachable"] += 1
-            self.engine.stack.refuse_datagram(datagram, now)
-            self.engine.schedule_flush()
+            self.port.refuse_datagram(datagram)
         else:
             self.counters["dropped_unsupported"] += 1
 
@@ -283,9 +283,9 @@ class UdpRelay:
                 self.counters["dropped_reply_family"] += 1
                 return
             remote = mapped
-        self.nat.touch(session.key, self.engine.loop.time())
+        self.nat.touch(session.key, self.loop.time())
         try:
-            self.engine.send_datagram(remote, port, client, session.client_port, payload)
+            self.port.send_datagram(remote, port, client, session.client_port, payload)
         except ValueError:  # larger than an IP packet can carry
             self.counters["dropped_reply_too_big"] += 1
             return
@@ -296,11 +296,11 @@ class UdpRelay:
     def _arm_timer(self) -> None:
         deadline = self.nat.deadline
         if self._timer is None and deadline is not None:
-            self._timer = self.engine.loop.call_at(deadline, self._on_timer)
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        for _key, session in self.nat.expire(self.engine.loop.time()):
+        for _key, session in self.nat.expire(self.loop.time()):
             log.debug("%s: idle, closed", session.describe())
             self._close(session)
         # Refreshed sessions only moved their deadlines later: re-arm for the earliest.

@@ -13,26 +13,34 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from tun2socks.outbound.dialer import Dialer, DialError
+from tun2socks.outbound.dialer import DialError, HostDialer
 
 if TYPE_CHECKING:
-    from tun2socks.app import DatagramHandler, Engine
     from tun2socks.net.events import DatagramReceived, FlowRequested
 
     from .forwarder import DnsForwarder
 
 DNS_PORT = 53
-DialHost = Callable[[str | IPv4Address | IPv6Address, int], Awaitable[socket.socket]]
+
+
+class DatagramHandler(Protocol):
+    def datagram_received(self, datagram: DatagramReceived) -> None: ...
+
+
+class Refuser(Protocol):
+    """How a datagram is refused with ICMP (`tun2socks.engine.DatagramPort`)."""
+
+    def refuse_datagram(self, datagram: DatagramReceived, *, mtu: int | None = None) -> None: ...
 
 
 class DnsDialer:
-    def __init__(self, inner: Dialer, dial_host: DialHost, forwarder: DnsForwarder) -> None:
+    """In front of the dialer that applies the rules (`inner`), which also dials fake
+    addresses by name (rules may match on it)."""
+
+    def __init__(self, inner: HostDialer, forwarder: DnsForwarder) -> None:
         self.inner = inner
-        self.dial_host = dial_host
         self.forwarder = forwarder
 
     async def dial(self, flow: FlowRequested) -> socket.socket:
@@ -43,7 +51,7 @@ class DnsDialer:
             name = resolver.domain_for(flow.dst, self.forwarder.loop.time())
             if name is None:
                 raise DialError(f"fake address {flow.dst} stands for no name (expired)")
-            return await self.dial_host(name, flow.dst_port)
+            return await self.inner.dial_host(name, flow.dst_port)
         return await self.inner.dial(flow)
 
 
@@ -56,17 +64,14 @@ class FakeAddressGuard:
     TCP at once, and TCP reaches the proxy by name), and the fake address never leaves.
     """
 
-    def __init__(self, inner: DatagramHandler | None, engine: Engine, forwarder: DnsForwarder):
+    def __init__(self, inner: DatagramHandler, port: Refuser, forwarder: DnsForwarder):
         self.inner = inner
-        self.engine = engine
+        self.port = port
         self.forwarder = forwarder
 
     def datagram_received(self, datagram: DatagramReceived) -> None:
         if self.forwarder.resolver.is_fake(datagram.dst):
             self.forwarder.counters["fake_udp_refused"] += 1
-            self.engine.stack.refuse_datagram(datagram, self.engine.loop.time())
-            self.engine.schedule_flush()
-        elif self.inner is not None:
-            self.inner.datagram_received(datagram)
+            self.port.refuse_datagram(datagram)
         else:
-            self.engine.stack.drops["udp_unhandled"] += 1
+            self.inner.datagram_received(datagram)

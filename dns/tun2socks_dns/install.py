@@ -1,16 +1,17 @@
-"""The DNS forwarder built from ``dns:`` settings and plugged into the engine.
+"""The DNS forwarder built from ``dns:`` settings, in pieces that ``tun2socks.app`` hands on.
 
-``install(engine, config)`` is called once by ``tun2socks.app`` when ``dns.enabled`` is true:
-- UDP to port 53 goes to the forwarder (``engine.datagram_handlers[53]``);
-- the engine's dialer is wrapped by ``DnsDialer`` (TCP/53 and fake addresses, see dialer.py),
-  and in fake-IP mode its UDP handler by ``FakeAddressGuard`` (UDP to fake addresses refused);
-- ``engine.domain_lookup`` answers "which name does this address stand for";
-- ``engine.stats_sources["dns"]`` gives the forwarder's counters.
-The caller awaits ``close()`` of the returned forwarder at shutdown.
+When ``dns.enabled`` is true, ``tun2socks.app`` calls, in this order:
+- ``build_resolver(config)``: the cache, static hosts and fake-IP pools; its
+  ``domain_lookup(resolver, clock)`` answers "which name does this address stand for" (the
+  rules' dialer needs it, so it exists before the dialer);
+- ``build(config, ...)``, which returns ``DnsParts``: the forwarder (UDP to port 53), the
+  dialer given wrapped by ``DnsDialer`` (TCP/53 and fake addresses, see dialer.py), the UDP
+  handler given, in fake-IP mode behind ``FakeAddressGuard`` (UDP to fake addresses refused),
+  and the forwarder's counters. The caller awaits ``parts.forwarder.close()`` at shutdown.
 
-Upstream connections go through the SOCKS5 proxy's own dialer (found inside the engine's
-dialer), so they are never subject to rules meant for client flows. ``direct://`` upstreams use
-a plain socket with the same protection hook as the proxy connection (``route.mark`` /
+Upstream connections go through the default SOCKS5 proxy's own dialer (``socks``), so they
+are never subject to rules meant for client flows. ``direct://`` upstreams use a plain socket
+with the same protection hook as the proxy connection (``route.mark`` /
 ``route.bind_interface``): without one, and with routes sending everything into the TUN, a
 ``direct://`` upstream would loop back into the TUN, so use it only for an address that is
 routed around the TUN.
@@ -19,12 +20,12 @@ routed around the TUN.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
-
-from tun2socks.outbound.dialer import Socks5Dialer
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .cache import CacheSettings, DnsCache
-from .dialer import DnsDialer, FakeAddressGuard
+from .dialer import DatagramHandler, DnsDialer, FakeAddressGuard
 from .doh import DohUpstream
 from .fakeip import FakeIpPool
 from .forwarder import DnsForwarder, ForwarderSettings
@@ -44,17 +45,26 @@ from .urls import DNS_PORT, UpstreamUrl, parse_upstream
 if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
 
-    from tun2socks.app import Engine
     from tun2socks.config import DnsConfig
+    from tun2socks.engine import DatagramPort
+    from tun2socks.outbound.dialer import HostDialer, Socks5Dialer
+
+    IPAddress = IPv4Address | IPv6Address
 
 UDP_OVERHEAD = 48  # IPv6 header + UDP header: a reply this much below the MTU fits
 
+__all__ = ["DNS_PORT", "DnsParts", "build", "build_resolver", "domain_lookup"]
 
-def install(engine: Engine, config: DnsConfig) -> DnsForwarder:
-    loop = engine.loop
-    socks = find_socks_dialer(engine.dialer) or Socks5Dialer(
-        engine.proxy, timeout=engine.settings.proxy.connect_timeout
-    )
+
+@dataclass(frozen=True, slots=True)
+class DnsParts:
+    forwarder: DnsForwarder  # takes UDP to port 53
+    dialer: DnsDialer  # the engine's dialer
+    udp: DatagramHandler  # the engine's handler of other UDP
+    stats: Callable[[], dict[str, int]]
+
+
+def build_resolver(config: DnsConfig) -> Resolver:
     cache = DnsCache(
         CacheSettings(
             size=config.cache.size,
@@ -66,13 +76,39 @@ def install(engine: Engine, config: DnsConfig) -> DnsForwarder:
     pools = None
     if config.mode == "fake-ip":
         pools = [FakeIpPool(network, reuse_after=config.fake_ttl) for network in config.fake_range]
-    resolver = Resolver(
+    return Resolver(
         cache=cache,
         hosts=StaticHosts(config.hosts),
         fake_pools=pools,
         real_domains=DomainSet(config.real_domains),
         fake_ttl=config.fake_ttl,
     )
+
+
+def domain_lookup(
+    resolver: Resolver, clock: Callable[[], float]
+) -> Callable[[IPAddress], str | None]:
+    """The name `address` stands for (a fake address's, or one a recent answer carried)."""
+
+    def lookup(address: IPAddress) -> str | None:
+        return resolver.domain_for(address, clock())
+
+    return lookup
+
+
+def build(
+    config: DnsConfig,
+    *,
+    resolver: Resolver,
+    socks: Socks5Dialer,
+    dialer: HostDialer,
+    udp: DatagramHandler,
+    port: DatagramPort,
+    mtu: int,
+) -> DnsParts:
+    """The forwarder and what goes in front of the engine's `dialer` and `udp` handler.
+    Upstreams are reached through `socks`; replies to clients go through `port`. Needs a
+    running event loop."""
     upstreams = [build_upstream(parse_upstream(url), socks, config) for url in config.upstreams]
     destinations = None
     if not upstreams:
@@ -86,35 +122,17 @@ def install(engine: Engine, config: DnsConfig) -> DnsForwarder:
         resolver,
         upstreams,
         destinations,
-        send_datagram=engine.send_datagram,
+        send_datagram=port.send_datagram,
         settings=ForwarderSettings(
             timeout=config.timeout,
             attempt_timeout=config.upstream_timeout,
             max_pending=config.max_pending,
-            udp_ceiling=engine.device.mtu - UDP_OVERHEAD,
+            udp_ceiling=mtu - UDP_OVERHEAD,
         ),
     )
-    engine.datagram_handlers[DNS_PORT] = forwarder
-    inner = engine.dialer
-    # A name for a fake address goes to the dialer in place (rules may match on it).
-    dial_host = getattr(inner, "dial_host", socks.dial_host)
-    engine.dialer = DnsDialer(inner, dial_host, forwarder)
-    if pools is not None:
-        engine.datagram_handler = FakeAddressGuard(engine.datagram_handler, engine, forwarder)
-    engine.domain_lookup = lambda address: resolver.domain_for(address, loop.time())
-    engine.stats_sources["dns"] = forwarder.stats
-    return forwarder
-
-
-def find_socks_dialer(dialer: Any) -> Socks5Dialer | None:
-    """The default proxy's dialer inside the engine's (possibly wrapped) dialer."""
-    for _ in range(8):  # wrappers name what they wrap `inner` or `default`
-        if isinstance(dialer, Socks5Dialer):
-            return dialer
-        dialer = getattr(dialer, "default", None) or getattr(dialer, "inner", None)
-        if dialer is None:
-            return None
-    return None
+    if config.mode == "fake-ip":
+        udp = FakeAddressGuard(udp, port, forwarder)
+    return DnsParts(forwarder, DnsDialer(dialer, forwarder), udp, forwarder.stats)
 
 
 def build_upstream(url: UpstreamUrl, socks: Socks5Dialer, config: DnsConfig) -> Upstream:

@@ -11,18 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from tun2socks.errors import UserError
 
 TOKEN_ENV = "TUN2SOCKS_API_TOKEN"
 DEFAULT_API = "127.0.0.1:9090"
 TIMEOUT = 5.0  # seconds for each request
 
 
-class StatusError(Exception):
+class StatusError(UserError):
     """The API cannot be asked; str() is one line for the user."""
 
 
@@ -43,7 +44,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Raises ConfigError for a bad -c FILE; other failures print one line and return 1."""
+    """Raises ConfigError for a bad -c FILE, StatusError when the API cannot be asked."""
     listen, token = DEFAULT_API, os.environ.get(TOKEN_ENV) or None
     if args.config is not None:
         from tun2socks.config import load_settings  # pydantic only when a file is given
@@ -55,12 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.api:
         listen = args.api
     base = f"http://{_connectable(listen)}"
-    try:
-        stats = fetch(f"{base}/stats", token)
-        found = fetch(f"{base}/connections?sort=bytes&limit={max(0, args.top)}", token)
-    except StatusError as exc:
-        print(f"tun2socks: error: {exc}", file=sys.stderr)
-        return 1
+    stats = fetch(f"{base}/stats", token)
+    found = fetch(f"{base}/connections?sort=bytes&limit={max(0, args.top)}", token)
     print(render(stats, found.get("connections", [])))
     return 0
 

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tun2socks.config.schema import Settings, echo, kind_of
+from tun2socks.errors import UserError
 
 try:
     from yaml import CSafeLoader as _YamlLoader
@@ -32,8 +33,10 @@ except ImportError:  # PyYAML built without libyaml
     from yaml import SafeLoader as _YamlLoader  # type: ignore[assignment]
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A configuration problem in one line: ``FILE:LINE: key.path: what is wrong``."""
+
+    exit_status = 2  # the same code argparse uses for usage errors
 
     def __init__(self, message: str, *, key: str | None = None, line: int | None = None) -> None:
         # One line whatever the user typed: a --set value may hold a newline.

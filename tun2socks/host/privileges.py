@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Callable
 from types import FrameType
 
+from tun2socks.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PR_SET_KEEPCAPS = 8  # linux/prctl.h
@@ -29,8 +31,8 @@ CAP_NET_ADMIN = 12  # linux/capability.h
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-class PrivilegeError(Exception):
-    pass
+class PrivilegeError(UserError):
+    """The data path cannot run as the user asked for; str() is one line."""
 
 
 def lookup(user: str) -> pwd.struct_passwd:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 
+from tun2socks.errors import UserError
 from tun2socks.host.state import Change
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ RESOLVECTL_TIMEOUT = 10.0  # seconds
 MARKER = "# written by tun2socks (route.system_dns); restored when it exits\n"
 
 
-class ResolverError(Exception):
-    pass
+class ResolverError(UserError):
+    """The system resolver cannot be pointed at the forwarder; str() is one line."""
 
 
 def dns_servers(addresses: Iterable[IPv4Interface | IPv6Interface]) -> list[str]:

@@ -45,6 +45,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tun2socks.device import DeviceError, TunDevice
+from tun2socks.errors import UserError
 from tun2socks.host import resolver as system_dns
 from tun2socks.host.state import Change, StateError, StateFile
 
@@ -64,7 +65,7 @@ DEFAULT_DST = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
 
 
-class SetupError(Exception):
+class SetupError(UserError):
     """The host cannot be set up as configured; str() is one line for the user."""
 
 

@@ -23,13 +23,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tun2socks.errors import UserError
+
 STATE_VERSION = 1
 LOCK_ATTEMPTS = 5
 
 Change = dict[str, Any]  # {"kind": "...", ...}: JSON, see tun2socks.host.routes for the kinds
 
 
-class StateError(Exception):
+class StateError(UserError):
     """The record or the lock cannot be used; str() is one line for the user."""
 
 

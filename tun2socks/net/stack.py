@@ -51,6 +51,11 @@ FourTuple = tuple[bytes, int, bytes, int]  # client address, client port, server
 IPV4_MAX_PAYLOAD = 0xFFFF - IPV4_HEADER_LEN - TCP_HEADER_LEN
 
 
+class FlowStateError(Exception):
+    """The layer above misused the flow API: a flow id the stack never issued, or `send`
+    after `shutdown`. A bug of the caller, never caused by what clients send."""
+
+
 @dataclass(frozen=True, slots=True)
 class StackConfig:
     mtu: int = 1500
@@ -193,9 +198,13 @@ class Stack:
 
     @property
     def has_events(self) -> bool:
+        """Whether `next_event` has something: events arise from `receive_packet`,
+        `handle_timer` and the flow calls below, never on their own."""
         return bool(self._events)
 
     def next_event(self) -> Event | None:
+        """The oldest event not taken yet, or None. Events of one flow come in order;
+        after its `FlowEnded` or `FlowReset` there are none for it."""
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
@@ -216,6 +225,8 @@ class Stack:
         return None
 
     def handle_timer(self, now: float) -> None:
+        """Run what is due at `now` (retransmissions, probes, idle and TIME-WAIT ends,
+        fragment expiry); calling it early or twice does nothing harmful."""
         if self.reassembler:
             self.reassembler.expire(now)
         timers = self._timers
@@ -229,15 +240,25 @@ class Stack:
             self._after(conn)
 
     # ---------------------------------------------------------------- flows (layer above)
+    #
+    # The contract, as h11 states its own: a flow id is one that a `FlowRequested` event named.
+    # Once the stack has closed a flow (after `FlowEnded` or `FlowReset`, or in the same batch,
+    # before the layer above has seen that event) each call below answers as for a closed flow
+    # and changes nothing: a relay may race the client's RST. A flow id this stack never issued,
+    # and `send` after `shutdown`, are bugs of the caller: FlowStateError.
 
     def accept(self, flow_id: int, now: float) -> None:
-        conn = self._by_id.get(flow_id)
+        """The upstream is connected: answer the client's SYN with SYN-ACK. A flow that
+        already completed its handshake (from the SYN cache) or is closed is left as it is."""
+        conn = self._flow(flow_id)
         if conn is not None and conn.state is TcpState.LISTEN:
             conn.accept(now)
             self._after(conn)
 
     def reject(self, flow_id: int) -> None:
-        conn = self._by_id.get(flow_id)
+        """The upstream cannot be opened: RST to the client (a flow past its handshake, from
+        the SYN cache, is reset). Nothing for a closed flow."""
+        conn = self._flow(flow_id)
         if conn is not None and conn.state is TcpState.LISTEN:
             conn.reject()
             self._after(conn)
@@ -246,38 +267,70 @@ class Stack:
             self._after(conn)
 
     def send(self, flow_id: int, data: bytes | bytearray | memoryview) -> int:
-        """Queue data for the client; return the space left (<= 0 means: stop reading)."""
-        conn = self._by_id.get(flow_id)
+        """Queue `data` for the client; return the send space left: at <= 0 stop reading the
+        upstream until `SendSpaceAvailable`. A closed flow takes nothing and returns 0.
+        Raises FlowStateError after `shutdown` of this flow."""
+        conn = self._flow(flow_id)
         if conn is None or conn.state is TcpState.CLOSED:
             return 0
+        if conn.fin_queued:
+            raise FlowStateError(f"flow {flow_id}: send after shutdown")
         space = conn.send(data)
         self._after(conn)
         return space
 
     def receive(self, flow_id: int) -> bytes:
-        conn = self._by_id.get(flow_id)
+        """Take everything the client sent that was not taken yet; its receive window opens.
+        b"" for a closed flow. Whether the client's stream has ended: `at_eof`."""
+        conn = self._flow(flow_id)
         if conn is None:
             return b""
         data = conn.receive()
         self._after(conn)
         return data
 
+    def at_eof(self, flow_id: int) -> bool:
+        """The client sent FIN and `receive` has taken every byte before it (False for a
+        closed flow: its end was reported by `FlowEnded` or `FlowReset`)."""
+        conn = self._flow(flow_id)
+        return conn is not None and conn.at_eof
+
+    def buffered(self, flow_id: int) -> int:
+        """Bytes the client sent that `receive` has not taken yet (0 for a closed flow)."""
+        conn = self._flow(flow_id)
+        if conn is None:
+            return 0
+        return conn.config.recv_buffer - conn.receive_window
+
     def shutdown(self, flow_id: int) -> None:
-        conn = self._by_id.get(flow_id)
+        """The upstream has no more data: FIN to the client after what is queued. Repeating
+        it, or a closed flow, changes nothing."""
+        conn = self._flow(flow_id)
         if conn is not None:
             conn.shutdown()
             self._after(conn)
 
     def abort(self, flow_id: int) -> None:
-        conn = self._by_id.get(flow_id)
+        """Reset the flow: RST to the client, no more events for it. Nothing for a closed flow."""
+        conn = self._flow(flow_id)
         if conn is not None:
             conn.abort()
             self._after(conn)
 
+    def _flow(self, flow_id: int) -> TcpConnection | None:
+        """The open flow `flow_id`, None if it is closed; FlowStateError if never issued."""
+        conn = self._by_id.get(flow_id)
+        if conn is None and not 0 < flow_id < self._next_id:
+            raise FlowStateError(f"no flow {flow_id}: this stack never opened it")
+        return conn
+
     def connection(self, flow_id: int) -> TcpConnection | None:
+        """The open flow's connection, for reading (tests, the API's view); None if closed.
+        The relay does not need it: the calls above answer its questions."""
         return self._by_id.get(flow_id)
 
     def connections(self) -> list[TcpConnection]:
+        """Every open flow's connection, for reading."""
         return list(self._by_id.values())
 
     @property

@@ -42,7 +42,8 @@ from tun2socks.observe.pcap import Capture
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from tun2socks.app import Engine
+    from tun2socks.config import Settings
+    from tun2socks.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Observer:
     """The packet capture and, when enabled, the HTTP server; `close()` stops both."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
-        pcap = engine.settings.api.pcap
+        self.settings = settings
+        pcap = settings.api.pcap
         self.capture = Capture(engine.device, file=pcap.file, max_bytes=pcap.max_bytes)
         self.started = engine.loop.time()
         # The registry (and prometheus_client, ~9 MB) is built at the first scrape: an idle
@@ -69,7 +71,7 @@ class Observer:
         self._registry: CollectorRegistry | None = None
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        token = engine.settings.api.token
+        token = settings.api.token
         self._token = token.get_secret_value().encode() if token is not None else None
 
     def uptime(self) -> float:
@@ -159,16 +161,12 @@ class Observer:
             flow_id = int(request.match_info["id"])
         except ValueError:
             return _error(400, "the connection id is a number")
-        relay = self.engine.relays.get(flow_id)
-        if relay is None:
+        if not self.engine.close_flow(flow_id):  # RST to the client, upstream aborted
             return _error(404, f"no open connection {flow_id}")
-        log.info("%s: closed through the API", relay.describe())
-        relay.abort()  # RST to the client, upstream transport aborted
-        self.engine.schedule_flush()
         return web.json_response({"closed": flow_id})
 
     async def config(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(snapshot.redacted_settings(self.engine.settings))
+        return web.json_response(snapshot.redacted_settings(self.settings))
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -241,10 +239,10 @@ class Observer:
         return web.Response(body=data, headers=headers)
 
 
-async def start(engine: Engine) -> Observer:
+async def start(engine: Engine, all_settings: Settings) -> Observer:
     """The capture (from the start when `api.pcap.file` is set) and, if enabled, the API."""
-    observer = Observer(engine)
-    settings = engine.settings.api
+    observer = Observer(engine, all_settings)
+    settings = all_settings.api
     if settings.pcap.file is not None:
         try:
             observer.capture.start()

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from tun2socks.observe import snapshot
 
 if TYPE_CHECKING:
-    from tun2socks.app import Engine
+    from tun2socks.engine import Engine
     from tun2socks.observe.pcap import Capture
 
 PREFIX = "tun2socks"

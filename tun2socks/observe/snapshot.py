@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from tun2socks.outbound.socks5 import format_host_port
 
 if TYPE_CHECKING:
-    from tun2socks.app import Engine
     from tun2socks.config import Settings
+    from tun2socks.engine import Engine
     from tun2socks.observe.pcap import Capture
     from tun2socks.relay import Relay
 
@@ -75,7 +75,7 @@ def connection(engine: Engine, relay: Relay, now: float) -> dict[str, Any]:
         "destination": format_host_port(flow.dst, flow.dst_port),
         "domain": engine.domain_lookup(flow.dst),
         "route": route,
-        "proxy": engine.proxy.address if route.startswith("proxy") else None,
+        "proxy": engine.proxy_address if route.startswith("proxy") else None,
         "bytes_up": relay.bytes_up,
         "bytes_down": relay.bytes_down,
         "age_s": round(now - conn.created, 3) if conn is not None else None,

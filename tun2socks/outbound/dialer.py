@@ -17,12 +17,21 @@ from tun2socks.outbound import socks5
 
 
 class DialError(Exception):
-    """A flow cannot be opened; its str is one log line (no secrets)."""
+    """A flow cannot be opened; its str is one log line (no secrets). ``kind``: the key under
+    which the engine counts the refused flow, as ``Socks5Error.kind``."""
+
+    kind = "dial_failed"
 
 
 class Dialer(Protocol):
     async def dial(self, flow: FlowRequested) -> socket.socket:
         """A connected non-blocking socket for `flow`; raises DialError, Socks5Error or OSError."""
+        ...
+
+
+class HostDialer(Dialer, Protocol):
+    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+        """A connected socket to `host` (an address, or a name the proxy resolves) and `port`."""
         ...
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from tun2socks.net.events import FlowRequested
 from tun2socks.outbound import socks5
-from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
+from tun2socks.outbound.dialer import DialError, Socks5Dialer
 from tun2socks.outbound.direct import DirectDialer
 from tun2socks.rules import Action, Decision, RuleSet
 
@@ -89,18 +89,12 @@ def _target(host: str | IPAddress, port: int) -> str:
 
 def build_dialer(
     settings: Settings,
-    proxy: socks5.ProxyEndpoint,
+    default: Socks5Dialer,
     protect: socks5.SocketHook | None,
     domain_lookup: Callable[[IPAddress], str | None],
-) -> Dialer:
-    """The engine's dialer: the plain SOCKS5 dialer when there are no rules and no named
-    proxies, the rule dialer otherwise. `domain_lookup` is called at dial time."""
-    default = Socks5Dialer(
-        proxy,
-        timeout=settings.proxy.connect_timeout,
-        prepare_socket=protect,
-        pipeline=settings.proxy.pipeline,
-    )
+) -> Socks5Dialer | RuleDialer:
+    """The engine's dialer: `default` (the default proxy's dialer) when there are no rules and
+    no named proxies, the rule dialer around it otherwise."""
     if not settings.rules and not settings.proxies:
         return default
     named = {

@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 from tun2socks.outbound.socks5_wire import (
     AUTH_REPLY_SIZE,
@@ -52,10 +52,11 @@ class Socks5Error(Exception):
     """A SOCKS5 request failed. ``str()`` is one line naming proxy, request and cause.
 
     ``reply_code`` is the server's REP byte for ``Socks5ReplyError`` and None otherwise;
-    ``kind`` is a stable short label (for metrics and log fields).
+    ``kind`` is a stable short label: the key under which the engine counts the refused flow
+    (``upstream_errors`` in the API, the ``kind`` label of ``tun2socks_upstream_errors``).
     """
 
-    kind: ClassVar[str] = "error"
+    kind: str = "dial_failed"
 
     def __init__(
         self,
@@ -83,7 +84,7 @@ class Socks5Error(Exception):
 class Socks5ProxyUnreachable(Socks5Error):
     """The proxy itself could not be resolved or connected to."""
 
-    kind = "unreachable"
+    kind = "proxy_unreachable"
 
 
 class Socks5AuthFailed(Socks5Error):
@@ -105,9 +106,23 @@ class Socks5Timeout(Socks5Error):
 
 
 class Socks5ReplyError(Socks5Error):
-    """The proxy answered the request with a failure reply; ``reply_code`` says which."""
+    """The proxy answered the request with a failure reply; ``reply_code`` says which.
 
-    kind = "reply_error"
+    Its ``kind`` names the reply (RFC 1928 section 6), e.g. ``connection_refused``, or
+    ``reply_N`` for an unassigned value N."""
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]  # per instance: the reply names it
+        return reply_kind(self.reply_code)
+
+
+def reply_kind(reply_code: int | None) -> str:
+    """The counter key of a failure reply: the REP name in lower case, or ``reply_N``."""
+    if reply_code is None:
+        return Socks5Error.kind
+    if reply_code in ReplyCode.__members__.values():
+        return ReplyCode(reply_code).name.lower()
+    return f"reply_{reply_code}"
 
 
 # --- the proxy -----------------------------------------------------------------------------------
