@@ -238,8 +238,9 @@ class TcpSender:
             ack_off == self.snd_una
             and not seg.payload
             and not seg.flags & (SYN | FIN)
-            and self.snd_max > self.snd_una
+            and self.snd_nxt > self.snd_una  # data in flight (not pulled back by a timeout)
             and window == self.snd_wnd
+            and window  # probe answers of a closed window are not losses
         ):
             self._dupacks += 1
             flight = self.snd_max - self.snd_una
