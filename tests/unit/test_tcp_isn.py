@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 
 from tcp_helpers import Client, syn_received
@@ -78,4 +79,4 @@ def test_fragment_identifications_are_not_a_counter() -> None:
         assert len(packets) > 1
         ids.append(int.from_bytes(packets[0][4:6], "big"))
         assert IpPacket.parse(packets[0]).fragment
-    assert [b - a for a, b in zip(ids, ids[1:], strict=False)] != [1, 1]
+    assert [b - a for a, b in itertools.pairwise(ids)] != [1, 1]

@@ -337,8 +337,11 @@ class Stack:
         """ICMP fragmentation needed / packet too big about one of our segments: that flow's
         MSS goes down (RFC 1191, RFC 8201), if the quoted segment is in flight."""
         too_big = parse_too_big(packet, checksum_trusted)
-        conn = self._flows.get(too_big[0]) if too_big is not None else None
-        if too_big is None or conn is None or not conn.path_mtu_reduced(*too_big[1:], now):
+        if too_big is None:
+            raise MalformedPacket("icmp_too_big_ignored")
+        key, seq, mtu = too_big
+        conn = self._flows.get(key)
+        if conn is None or not conn.path_mtu_reduced(mtu, seq, now):
             raise MalformedPacket("icmp_too_big_ignored")
         self._after(conn)
 

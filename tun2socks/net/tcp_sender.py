@@ -260,18 +260,17 @@ class TcpSender:
         return True
 
     def _on_new_ack(self, ack_off: int, now: float) -> None:
-        acked = ack_off - self.snd_una
         self.snd_una = ack_off
         data_end = self._buf_start + len(self._snd_buf)
-        acked_data = min(ack_off, data_end) - self._buf_start
-        if acked_data > 0:
-            del self._snd_buf[:acked_data]
-            self._buf_start += acked_data
-            self.bytes_sent += acked_data
+        acked = min(ack_off, data_end) - self._buf_start  # data bytes: not SYN nor FIN
+        if acked > 0:
+            del self._snd_buf[:acked]
+            self._buf_start += acked
+            self.bytes_sent += acked
         self._rtt.on_ack(ack_off, now)
         self._retries = 0
         self._dupacks = 0
-        if self._cc.on_ack(acked, ack_off, self.snd_max - ack_off, self.mss):
+        if self._cc.on_ack(max(acked, 0), ack_off, self.snd_max - ack_off, self.mss):
             self._retransmit_one(now)  # partial ACK: the next hole (RFC 6582 3.2 step 4)
         # RFC 6298 5.2/5.3: stop the timer when all is acknowledged, else restart it.
         self._rtx_deadline = None if ack_off >= self.snd_nxt else now + self.rto
