@@ -51,8 +51,12 @@ class NewReno:
             self.cwnd = max(self.cwnd - acked + (mss if acked >= mss else 0), mss)
             return True
         if self.cwnd < self.ssthresh:
-            self.cwnd += acked  # slow start (RFC 5681 3.1, counting bytes)
-        else:
+            # Slow start (RFC 5681 3.1, counting bytes), up to ssthresh; the rest of the ACK
+            # counts toward congestion avoidance (as Linux's tcp_slow_start).
+            grow = min(acked, self.ssthresh - self.cwnd)
+            self.cwnd += grow
+            acked -= grow
+        if acked:
             self._acked += acked  # congestion avoidance: one MSS per window acknowledged
             if self._acked >= self.cwnd:
                 self._acked -= self.cwnd
