@@ -319,7 +319,7 @@ def test_closed_after_flow_ended_segments_get_rst() -> None:
     check(c.output_one(), flags=RST, seq=c.rcv_nxt)
 
 
-# ---------------------------------------------------------------- idle timeout
+# ---------------------------------------------------------------- idle flows (keep-alive)
 
 
 def test_established_idle_flow_reset_only_after_unanswered_keepalives() -> None:
