@@ -17,10 +17,10 @@ class RttEstimator:
         "_min",
         "_persist_max",
         "_probe_at",
-        "_probe_off",
         "_rttvar",
         "_srtt",
         "persist_backoff",
+        "probe_off",
         "rto",
     )
 
@@ -31,27 +31,25 @@ class RttEstimator:
         self._persist_max = persist_max
         self._srtt: float | None = None
         self._rttvar = 0.0
-        self._probe_off: int | None = None  # the offset whose acknowledgment ends the sample
+        # The offset whose acknowledgment ends the running sample, or None: public so that the
+        # hot path can test it without a call.
+        self.probe_off: int | None = None
         self._probe_at = 0.0
         self.persist_backoff = 0
 
-    @property
-    def timing(self) -> bool:
-        return self._probe_off is not None
-
     def start(self, ack_off: int, now: float) -> None:
         """Time the segment that `ack_off` acknowledges (one sample per round trip)."""
-        self._probe_off = ack_off
+        self.probe_off = ack_off
         self._probe_at = now
 
     def cancel(self) -> None:
         """Karn's algorithm: a retransmission makes the running sample ambiguous."""
-        self._probe_off = None
+        self.probe_off = None
 
     def on_ack(self, ack_off: int, now: float) -> None:
         """An acknowledgment up to `ack_off` arrived: take the sample if it covers the probe."""
-        if self._probe_off is not None and ack_off >= self._probe_off:
-            self._probe_off = None
+        if self.probe_off is not None and ack_off >= self.probe_off:
+            self.probe_off = None
             self.sample(now - self._probe_at)
 
     def sample(self, rtt: float) -> None:

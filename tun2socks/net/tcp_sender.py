@@ -267,7 +267,9 @@ class TcpSender:
             del self._snd_buf[:acked]
             self._buf_start += acked
             self.bytes_sent += acked
-        self._rtt.on_ack(ack_off, now)
+        probe = self._rtt.probe_off
+        if probe is not None and ack_off >= probe:
+            self._rtt.on_ack(ack_off, now)
         self._retries = 0
         self._dupacks = 0
         if self._cc.on_ack(max(acked, 0), ack_off, self.snd_max - ack_off, self.mss):
@@ -289,7 +291,7 @@ class TcpSender:
                 if n < self.mss and not self._may_send(n, data_end - self.snd_nxt):
                     break
                 self.snd_nxt += self._transmit(self.snd_nxt, n)
-                if not self._rtt.timing and self.snd_nxt > self.snd_max:
+                if self.snd_nxt > self.snd_max and self._rtt.probe_off is None:
                     self._rtt.start(self.snd_nxt, now)
             if self.fin_queued and self.snd_nxt == data_end and self.snd_nxt < wnd_end:
                 self.snd_nxt += self._transmit(data_end, 0)  # the FIN waits for window too
