@@ -148,3 +148,15 @@ def test_pmtu_error_for_an_unknown_flow_is_counted() -> None:
     c.stack.receive_packet(_too_big(c, bytes(other), 1000), c.now)
     assert c.stack.drops["icmp_too_big_ignored"] == 1
     assert c.output() == []
+
+
+@pytest.mark.usefixtures("offload_checksums")
+def test_pmtu_lowered_mss_becomes_the_gso_size_of_super_packets() -> None:
+    # With TSO, the MSS learnt from ICMP is what the device must cut at.
+    c = established(Client(make_stack(offload=True)))
+    packets = _flight(c, 3000)
+    c.stack.receive_packet(_too_big(c, packets[0], 1200), c.now)
+    resent = c.stack.packets_to_send(c.now)
+    assert resent
+    _, gso_type, _, gso_size, _, _ = struct.unpack("<BBHHHH", vnet_header_for(resent[0], 1500))
+    assert (gso_type, gso_size) == (1, 1160)
