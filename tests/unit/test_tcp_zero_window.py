@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tcp_helpers import Client, check, established, make_stack, wrap
 
+from tun2socks.net.events import FlowReset
 from tun2socks.net.tcp import ACK, FIN, RST
 from tun2socks.net.tcp_conn import TcpState
 
@@ -79,3 +80,15 @@ def test_zero_window_rto_expiry_does_not_count_toward_the_retransmission_limit()
     assert answers > 8  # more than max_retransmissions expiries' worth
     assert c.state is TcpState.ESTABLISHED
     assert _receive_all(c) == DATA[:5000]
+
+
+def test_zero_window_client_that_stops_answering_is_reset_by_keepalive() -> None:
+    # Held indefinitely only while probes are answered: a client gone behind a closed window
+    # is found by the keep-alive rule (RFC 9293 3.8.4) and reset.
+    c = established(Client(make_stack(idle_timeout=60.0, keepalive_interval=5.0), mss=1000))
+    c.stack.send(c.flow_id, DATA[:5000])
+    c.output()
+    c.send(window=0)
+    segments = c.run_timers(c.now + 60.0 + 9 * 5.0)
+    assert segments[-1].flags & RST
+    assert c.events() == [FlowReset(c.flow_id, "keep-alive timeout")]
