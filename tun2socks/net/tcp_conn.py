@@ -259,7 +259,8 @@ class TcpConnection(TcpSender):
                 and not self._process_ack(seg, now, seg_off)
             ):
                 return
-            self._ack_now()
+            if self.state is not TcpState.CLOSED:
+                self._ack_now()
             return
 
         # 2. RST (RFC 5961 3.2: exact match resets, otherwise a challenge ACK).
