@@ -41,6 +41,8 @@ def stack_config(settings: Settings, device: TunDevice) -> StackConfig:
         max_flows=settings.limits.max_flows,
         max_half_open=settings.limits.max_half_open,
         idle_timeout=settings.timeouts.idle,
+        keepalive_interval=settings.timeouts.keepalive_interval,
+        keepalive_probes=settings.timeouts.keepalive_probes,
         time_wait=settings.timeouts.time_wait,
         icmp_echo=settings.icmp.echo == "reply",
         reassembly_memory=settings.limits.reassembly_memory,

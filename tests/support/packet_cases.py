@@ -75,7 +75,7 @@ def _fragment_sets() -> list[list[bytes]]:
     out = []
     for version, (src, dst) in ((4, V4), (6, V6)):
         whole = UdpDatagram(40000, 7000, bytes(range(256)) * 5).build(version, src, dst)
-        out.append(Fragmenter(FRAGMENT_MTU, 7).split(whole))
+        out.append(Fragmenter(FRAGMENT_MTU, random.Random(7)).split(whole))
     return out
 
 

@@ -161,8 +161,14 @@ class Scenario:
     def _syn(self, client: ClientModel, op: Op) -> None:
         flow_id = self.flow_of.get(client.port)
         conn = self.stack.connection(flow_id) if flow_id is not None else None
-        if conn is not None and conn.state is not TcpState.TIME_WAIT:
-            # A SYN inside a live connection: hostile, the client's state does not change.
+        reopens = (
+            conn is not None
+            and conn.state is TcpState.TIME_WAIT
+            and conn.may_reopen(op.a & SEQ_MASK)
+        )
+        if conn is not None and not reopens:
+            # A SYN inside a live connection, or an old one in TIME-WAIT (not above RCV.NXT,
+            # RFC 6191): hostile, the client's state does not change.
             segment = TcpSegment(client.port, SERVER_PORT, op.a & SEQ_MASK, 0, SYN, op.b & 0xFFFF)
             self._note_sent(client, segment)
             self._deliver(segment)

@@ -49,17 +49,11 @@ def sys_path_uses(source: str, filename: str = "<source>") -> list[int]:
     return sorted(lines)
 
 
-# Over the limit today, split on another branch of issue 11 (item 4: RTT/RTO and persist timing
-# out of the state machine). Remove the entry when that lands: the second assert says when.
-BEING_SPLIT = {"tun2socks/net/tcp_conn.py"}
-
-
 def test_no_source_file_is_over_600_lines() -> None:
     files = source_files(*SOURCE_FOLDERS)
     assert len(files) > 100  # the walk found the tree
     too_long = {str(p.relative_to(REPO)): n for p in files if (n := line_count(p)) > MAX_LINES}
-    assert {name: n for name, n in too_long.items() if name not in BEING_SPLIT} == {}
-    assert set(too_long) >= BEING_SPLIT, "split: remove it from BEING_SPLIT"
+    assert too_long == {}
 
 
 def test_tests_and_bench_never_touch_sys_path() -> None:

@@ -176,6 +176,8 @@ class TimeoutsConfig(BaseModel):
     model_config = _MODEL_CONFIG
 
     idle: float = Field(default=600.0, gt=0, strict=True, allow_inf_nan=False)
+    keepalive_interval: float = Field(default=75.0, gt=0, strict=True, allow_inf_nan=False)
+    keepalive_probes: int = Field(default=9, ge=1, strict=True)
     time_wait: float = Field(default=2.0, gt=0, strict=True, allow_inf_nan=False)
 
 

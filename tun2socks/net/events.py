@@ -53,7 +53,8 @@ class FlowEnded:
 
 @dataclass(frozen=True, slots=True)
 class FlowReset:
-    """The flow ended abnormally: client RST, idle timeout, or retransmissions exhausted."""
+    """The flow ended abnormally: client RST, keep-alives unanswered (or a half-open flow idle),
+    or retransmissions exhausted."""
 
     flow_id: int
     reason: str

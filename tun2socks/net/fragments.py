@@ -30,6 +30,7 @@ complete: a partial (offloaded) checksum can only be finished on a whole packet.
 from __future__ import annotations
 
 import bisect
+import random
 import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -106,6 +107,11 @@ class Reassembler:
             self.drops["bad_fragment"] += 1
             return None
         key, start, more, payload, header, protocol = parsed
+        if start == 0 and view[0] >> 4 == 6 and not _header_chain_complete(protocol, payload):
+            # RFC 7112 5: a first fragment must hold the whole header chain, up to and
+            # including the upper-layer header (else filters cannot see the ports).
+            self.drops["tiny_first_fragment"] += 1
+            return None
         end = start + len(payload)
         limit = MAX_DATAGRAM - (len(header) if view[0] >> 4 == 4 else 0)
         if (more and len(payload) % 8) or not payload or end > limit:
@@ -223,6 +229,21 @@ def _parse_v6(
     return key, start, bool(offset_flags & _V6_MF), payload, bytes(view[:IPV6_HEADER_LEN]), protocol
 
 
+_UPPER_HEADER_LEN = {6: 20, 17: 8, 58: 4}  # TCP, UDP, ICMPv6
+
+
+def _header_chain_complete(protocol: int, payload: memoryview) -> bool:
+    """Whether a first IPv6 fragment's data holds every extension header and the
+    upper-layer header (RFC 7112)."""
+    offset = 0
+    while protocol in _IPV6_SKIPPABLE:
+        if offset + 2 > len(payload):
+            return False
+        protocol = payload[offset]
+        offset += (payload[offset + 1] + 1) * 8
+    return offset + _UPPER_HEADER_LEN.get(protocol, 0) <= len(payload)
+
+
 def _rebuild(version: int, header: bytes, protocol: int, pieces: list[bytes], total: int) -> bytes:
     """The reassembled datagram as one unfragmented packet."""
     if version == 4:
@@ -241,24 +262,25 @@ def _rebuild(version: int, header: bytes, protocol: int, pieces: list[bytes], to
 
 
 class Fragmenter:
-    """Cuts packets larger than the MTU into fragments; identifications come from a counter."""
+    """Cuts packets larger than the MTU into fragments.  Identifications are random (RFC 7739:
+    a counter would let others guess them and inject fragments); `rng` is a CSPRNG unless a
+    test passes a seeded generator."""
 
-    def __init__(self, mtu: int, first_ident: int = 0) -> None:
+    def __init__(self, mtu: int, rng: random.Random | None = None) -> None:
         if mtu < IPV4_HEADER_LEN + 8:
             raise ValueError(f"MTU {mtu} leaves no room for a fragment")
         self.mtu = mtu
-        self._ident = first_ident
+        self._rng = rng or random.SystemRandom()
         self.fragmented = 0
 
     def split(self, packet: bytes) -> list[bytes]:
         """`packet` itself if it fits the MTU, else its fragments in order."""
         if len(packet) <= self.mtu:
             return [packet]
-        self._ident += 1
         self.fragmented += 1
         if packet[0] >> 4 == 4:
-            return self._split_v4(packet, self._ident & 0xFFFF)
-        return self._split_v6(packet, self._ident & 0xFFFFFFFF)
+            return self._split_v4(packet, self._rng.getrandbits(16))
+        return self._split_v6(packet, self._rng.getrandbits(32))
 
     def _split_v4(self, packet: bytes, ident: int) -> list[bytes]:
         ihl = (packet[0] & 0x0F) * 4

@@ -25,6 +25,7 @@ DEFAULT_TTL = 64
 # RFC 8200 4.1: extension headers a host skips to reach the upper layer.
 _IPV6_SKIPPABLE = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
 _IPV6_FRAGMENT = 44
+_IPV6_ROUTING = 43
 _IPV6_NO_NEXT = 59
 
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
@@ -96,12 +97,18 @@ class IpPacket:
             if offset + 8 > end:
                 raise MalformedPacket("bad_ipv6_extension")
             if next_header == _IPV6_FRAGMENT:
+                # What follows is the fragmentable part, readable only once reassembled
+                # (RFC 8200 4.5): in a non-first fragment it is just data.
                 fragment = True
-                length = 8
-            else:
-                length = (view[offset + 1] + 1) * 8
+                next_header = view[offset]
+                offset += 8
+                break
+            if next_header == _IPV6_ROUTING and view[offset + 3]:
+                # Segments left: we are not the final destination.  No routing type is
+                # processed here, Type 0 included (RFC 5095 3, RFC 8200 4.4).
+                raise MalformedPacket("ipv6_routing_header")
             next_header = view[offset]
-            offset += length
+            offset += (view[offset + 1] + 1) * 8
         if offset > end:
             raise MalformedPacket("bad_ipv6_extension")
         if next_header == _IPV6_NO_NEXT:

@@ -42,6 +42,8 @@ from tun2socks.net.ip import (
     IpPacket,
     MalformedPacket,
 )
+from tun2socks.net.isn import IsnGenerator
+from tun2socks.net.pmtu import is_too_big, parse_too_big
 from tun2socks.net.tcp import ACK, FIN, RST, SYN, TCP_HEADER_LEN, TcpSegment
 from tun2socks.net.tcp_conn import TcpConfig, TcpConnection, TcpState
 from tun2socks.net.udp import UdpDatagram
@@ -65,7 +67,11 @@ class StackConfig:
     max_flows: int = 10_000
     max_half_open: int = 1_000
     max_syn_cache: int = 4_096  # SYNs answered over max_half_open, awaiting the client's ACK
+    # Keep-alive: probes after `idle_timeout` seconds without a segment from the client,
+    # every `keepalive_interval`; reset after `keepalive_probes` unanswered (tcp_config.py).
     idle_timeout: float = 600.0
+    keepalive_interval: float = 75.0
+    keepalive_probes: int = 9
     time_wait: float = 2.0
     icmp_echo: bool = True  # answer echo requests (ping) locally
     reassembly_memory: int = 4 * 1024 * 1024  # bytes held by incomplete fragmented datagrams
@@ -74,16 +80,16 @@ class StackConfig:
     def tcp_config(self, version: int) -> TcpConfig:
         ip_header = IPV4_HEADER_LEN if version == 4 else IPV6_HEADER_LEN
         mss = self.mtu - ip_header - TCP_HEADER_LEN
-        # With TSO, send super-segments that the kernel cuts at the MSS: a whole number of
-        # MSS-sized segments so that every segment on the wire is full.
-        max_segment = (IPV4_MAX_PAYLOAD // mss) * mss if self.offload else None
         return TcpConfig(
             mss=mss,
             recv_buffer=self.recv_buffer,
             send_buffer=self.send_buffer,
-            max_segment=max_segment,
+            # With TSO, super-packets that the kernel cuts at each flow's MSS.
+            super_segment=IPV4_MAX_PAYLOAD if self.offload else None,
             offload=self.offload,
             idle_timeout=self.idle_timeout,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_probes=self.keepalive_probes,
             time_wait=self.time_wait,
         )
 
@@ -100,7 +106,10 @@ class Stack:
             for v, c in self._tcp_config.items()
         }
         self._early: dict[int, TcpConnection] = {}  # insertion order: oldest first
-        self._rng = rng or random.Random()
+        # A CSPRNG unless a test passes a seeded generator: ISNs (RFC 6528) and fragment
+        # identifications (RFC 7739) must not be predictable.
+        self._rng = rng or random.SystemRandom()
+        self._isn = IsnGenerator(self._rng.randbytes(16))
         self._flows: dict[FourTuple, TcpConnection] = {}
         self._by_id: dict[int, TcpConnection] = {}
         self._keys: dict[int, FourTuple] = {}
@@ -117,7 +126,7 @@ class Stack:
         self.reassembler = Reassembler(
             config.reassembly_memory, config.reassembly_timeout, self.drops
         )
-        self.fragmenter = Fragmenter(config.mtu, self._rng.getrandbits(32))
+        self.fragmenter = Fragmenter(config.mtu, self._rng)
         self.icmp = IcmpResponder(echo_reply=config.icmp_echo)
 
     # ---------------------------------------------------------------- driving
@@ -367,12 +376,27 @@ class Stack:
         """ICMP: echo answered, the rest counted. Other protocols: an ICMP error, so that the
         sender knows at once (raises MalformedPacket to count a drop)."""
         if packet.protocol == (PROTO_ICMP if packet.version == 4 else PROTO_ICMPV6):
+            if is_too_big(packet):
+                self._receive_too_big(packet, now, checksum_trusted)
+                return
             reply: bytes | None = self.icmp.receive(packet, checksum_trusted)
         else:
             self.drops["unsupported_protocol"] += 1
             reply = self.icmp.protocol_unreachable(data, now)
         if reply is not None:
             self._out.extend(self.fragmenter.split(reply))
+
+    def _receive_too_big(self, packet: IpPacket, now: float, checksum_trusted: bool) -> None:
+        """ICMP fragmentation needed / packet too big about one of our segments: that flow's
+        MSS goes down (RFC 1191, RFC 8201), if the quoted segment is in flight."""
+        too_big = parse_too_big(packet, checksum_trusted)
+        if too_big is None:
+            raise MalformedPacket("icmp_too_big_ignored")
+        key, seq, mtu = too_big
+        conn = self._flows.get(key)
+        if conn is None or not conn.path_mtu_reduced(mtu, seq, now):
+            raise MalformedPacket("icmp_too_big_ignored")
+        self._after(conn)
 
     def _receive_udp(self, packet: IpPacket, checksum_trusted: bool) -> None:
         datagram = UdpDatagram.parse(packet, checksum_trusted)
@@ -391,9 +415,15 @@ class Stack:
         conn = self._flows.get(key)
         flags = seg.flags
         is_syn = flags & (SYN | ACK | RST) == SYN
-        if conn is not None and conn.state is TcpState.TIME_WAIT and is_syn:
-            # A new connection on a 4-tuple in TIME-WAIT (RFC 9293 3.10.7.4, as Linux does):
-            # our TIME-WAIT only absorbs stray FINs, so the old one can simply go.
+        if (
+            conn is not None
+            and conn.state is TcpState.TIME_WAIT
+            and is_syn
+            and conn.may_reopen(seg.seq)
+        ):
+            # A new connection on a 4-tuple in TIME-WAIT, its SYN above the old RCV.NXT
+            # (RFC 6191, RFC 1122 4.2.2.13): our TIME-WAIT only absorbs stray FINs, so the old
+            # one can simply go.  Other SYNs get TIME-WAIT's challenge ACK.
             self._remove(conn)
             conn = None
         if conn is not None:
@@ -405,6 +435,14 @@ class Stack:
         if not is_syn:
             self._send_reset(packet, seg)  # RFC 9293 3.10.7.1, CLOSED
             self.drops["no_flow"] += 1
+            return
+        if flags & FIN:
+            self.drops["syn_fin"] += 1  # no legitimate stack sends SYN+FIN: a scan
+            return
+        if not (
+            _is_unicast(packet.version, packet.dst) and _is_unicast(packet.version, packet.src)
+        ):
+            self.drops["syn_not_unicast"] += 1  # RFC 1122 4.2.3.10: silently discarded
             return
         if len(self._by_id) - len(self._early) >= self.config.max_flows:
             self.drops["flow_limit"] += 1
@@ -426,7 +464,7 @@ class Stack:
             (packet.src, seg.src_port),
             (packet.dst, seg.dst_port),
             seg,
-            self._rng.getrandbits(32),
+            self._isn.isn(packet.src, seg.src_port, packet.dst, seg.dst_port, now),
             now,
             self._events,
             self._out,
@@ -504,3 +542,10 @@ class Stack:
         self._out.append(
             reply.build(packet.version, packet.dst, packet.src, offload=self.config.offload)
         )
+
+
+def _is_unicast(version: int, address: bytes) -> bool:
+    """Not multicast (224/4, ff00::/8) nor the limited broadcast (255.255.255.255)."""
+    if version == 4:
+        return address[0] & 0xF0 != 0xE0 and address != b"\xff\xff\xff\xff"
+    return address[0] != 0xFF

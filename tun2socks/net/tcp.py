@@ -37,6 +37,20 @@ MAX_WSCALE = 14  # RFC 7323 2.3
 _HEADER = struct.Struct("!HHIIBBHHH")
 
 
+class GsoPacket(bytes):
+    """A TCP super-packet (offload mode) whose segments are smaller than the device's MTU
+    allows: the device writes `gso_size` (the flow's MSS) into its vnet header, and the
+    kernel cuts the payload into segments of that size.  Plain `bytes` packets are cut
+    at the MTU."""
+
+    def __new__(cls, packet: bytes, gso_size: int) -> GsoPacket:
+        self = super().__new__(cls, packet)
+        self.gso_size = gso_size
+        return self
+
+    gso_size: int
+
+
 @dataclass(slots=True)
 class TcpOptions:
     mss: int | None = None

@@ -52,9 +52,11 @@ def vnet_header_for(packet: bytes, mtu: int) -> bytes:
         return _HDR_COMPLETE
     if proto == _IPPROTO_TCP and n >= ip_len + 20:
         l4_len = ip_len + (packet[ip_len + 12] >> 4) * 4
-        if n > mtu:  # i.e. payload > mtu - ip header - tcp header
-            # gso_size: the segment payload the kernel cuts the super-packet into
-            return VNET_HDR.pack(_NEEDS_CSUM, gso_type, l4_len, mtu - l4_len, ip_len, _TCP_CHECK)
+        # gso_size: the segment payload the kernel cuts the super-packet into; the MTU's,
+        # or the flow's MSS when the stack says so (GsoPacket).
+        gso_size = getattr(packet, "gso_size", mtu - l4_len)
+        if n - l4_len > gso_size:
+            return VNET_HDR.pack(_NEEDS_CSUM, gso_type, l4_len, gso_size, ip_len, _TCP_CHECK)
         return VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, ip_len, _TCP_CHECK)
     if proto == _IPPROTO_UDP and n >= ip_len + 8:
         return VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, ip_len, _UDP_CHECK)

@@ -319,15 +319,16 @@ def test_closed_after_flow_ended_segments_get_rst() -> None:
     check(c.output_one(), flags=RST, seq=c.rcv_nxt)
 
 
-# ---------------------------------------------------------------- idle timeout
+# ---------------------------------------------------------------- idle flows (keep-alive)
 
 
-def test_established_idle_timeout_resets_flow() -> None:
-    c = established(Client(make_stack(idle_timeout=30.0)))
+def test_established_idle_flow_reset_only_after_unanswered_keepalives() -> None:
+    # RFC 9293 3.8.4, RFC 5382 REQ-5: silence alone never resets; unanswered probes do.
+    c = established(Client(make_stack(idle_timeout=30.0, keepalive_interval=5.0)))
     start = c.now
-    segments = c.run_timers(start + 30.0)
-    assert [s.flags & RST for s in segments] == [RST]
-    assert c.events() == [FlowReset(c.flow_id, "idle timeout")]
+    segments = c.run_timers(start + 30.0 + 9 * 5.0)
+    assert [s.flags for s in segments] == [ACK] * 9 + [RST | ACK]
+    assert c.events() == [FlowReset(c.flow_id, "keep-alive timeout")]
     assert c.stack.connection(c.flow_id) is None
 
 

@@ -286,7 +286,7 @@ def test_established_send_resumes_when_window_opens() -> None:
 
 
 def test_established_client_wscale_scales_send_window() -> None:
-    c = established(wscale=4)
+    c = established(wscale=4, mss=200)  # full segments: silly-window avoidance stays out
     c.send(window=100)  # 100 << 4 = 1600 bytes
     c.stack.send(c.flow_id, bytes(5000))
     assert sum(len(s.payload) for s in c.output()) == 1600

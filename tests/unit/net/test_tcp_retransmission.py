@@ -41,9 +41,11 @@ def test_retransmission_timeout_resends_from_oldest_unacked_byte() -> None:
     c.absorb(first[:1])
     c.send()  # the first segment arrived, the other two were lost
     assert c.output() == []
-    again = c.next_timer_output()
-    assert again[0].seq == c.rcv_nxt
-    assert c.absorb(again) == bytes(range(100, 250))
+    (again,) = c.next_timer_output()  # one segment: the loss window (RFC 5681 3.1)
+    assert again.seq == c.rcv_nxt
+    assert c.absorb([again]) == bytes(range(100, 200))
+    c.send()
+    assert c.absorb(c.output()) == bytes(range(200, 250))
 
 
 def test_retransmission_stops_when_everything_is_acked() -> None:
