@@ -198,6 +198,25 @@ def test_rfc4987_s3_6_syn_retransmitted_after_eviction_gets_the_same_syn_ack() -
     check(real.output_one(), flags=SYN | ACK, seq=first_seq, ack=wrap(real.iss + 1))
 
 
+def test_syn_cache_syn_ack_is_retransmitted_like_any_other_before_giving_up() -> None:
+    """A burst queues real clients' ACKs for seconds: a cache entry that gave up after one
+    retry (3 s) reset them. It now keeps the RFC 6298 backoff and Linux's 5 retries."""
+    stack = make_stack(max_half_open=1)
+    syn_sent(Client(stack, port=1000))
+    cached = Client(stack, port=1001)
+    cached.send_syn()
+    first = cached.output_one()
+    times, syn_acks = [cached.now], 0
+    for _ in range(20):
+        segments = [s for s in cached.next_timer_output() if s.dst_port == 1001]
+        if any(s.flags & RST for s in segments):
+            break
+        syn_acks += sum(1 for s in segments if s.flags & SYN and s.seq == first.seq)
+        times.append(cached.now)
+    assert syn_acks == 5
+    assert [b - a for a, b in itertools.pairwise(times)] == pytest.approx([1, 2, 4, 8, 16])
+
+
 def test_rfc4987_s3_6_ack_with_a_forged_or_expired_cookie_is_reset() -> None:
     real, _ = syn_cache_full_of_flood()
     real.rcv_nxt = wrap(real.rcv_nxt + 1)  # a guess one off

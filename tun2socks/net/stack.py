@@ -24,7 +24,6 @@ answered here and other protocols get an ICMP error (`icmp_responder.py`).
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import ipaddress
 import random
@@ -91,12 +90,10 @@ class Stack:
         self.config = config
         self._tcp_config = {4: config.tcp_config(4), 6: config.tcp_config(6)}
         # Over the half-open cap, SYNs are answered at once from a bounded SYN cache (as
-        # FreeBSD's syncache): one SYN-ACK retry, and no upstream until the client completes
-        # the handshake, so spoofed SYNs cost one small object and one packet each.
-        self._early_config = {
-            v: dataclasses.replace(c, max_syn_ack_retransmissions=1)
-            for v, c in self._tcp_config.items()
-        }
+        # FreeBSD's syncache): no upstream until the client completes the handshake, so
+        # spoofed SYNs cost one small object each. Its SYN-ACKs are retried like any other:
+        # in a burst, queues on the path may hold a real client's ACK for seconds, and giving
+        # up early would reset that client.
         self._early: dict[int, TcpConnection] = {}  # insertion order: oldest first
         self._rng = rng or random.Random()
         # The SYN-ACKs of the SYN cache carry cookies, so that a client whose entry was
@@ -398,7 +395,7 @@ class Stack:
         self._next_id += 1
         conn = TcpConnection(
             flow_id,
-            (self._early_config if early else self._tcp_config)[version],
+            self._tcp_config[version],
             version,
             (key[0], key[1]),
             (key[2], key[3]),
