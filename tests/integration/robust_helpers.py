@@ -135,14 +135,15 @@ def echo_servers(bed: bedlib.Bed, processes: int = 2) -> Iterator[None]:
 
 
 class KillableDanted:
-    """A danted of our own (no auth) on KILLABLE_SOCKS_PORT, to be killed and restarted."""
+    """A danted of our own (no auth) on KILLABLE_SOCKS_PORT, to be killed and restarted;
+    `settings` are extra lines for its configuration."""
 
-    def __init__(self, bed: bedlib.Bed) -> None:
+    def __init__(self, bed: bedlib.Bed, settings: str = "") -> None:
         self.bed = bed
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = bed.workdir / "danted-killable.conf"
         self.config.write_text(
-            f"logoutput: {bed.workdir / 'danted-killable.out'}\n"
+            settings + f"logoutput: {bed.workdir / 'danted-killable.out'}\n"
             f"internal: {bedlib.SRV_VETH_IP} port = {KILLABLE_SOCKS_PORT}\n"
             "external: lo\nclientmethod: none\nsocksmethod: none\n"
             "user.privileged: root\nuser.unprivileged: nobody\n"
