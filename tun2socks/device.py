@@ -51,7 +51,6 @@ VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_
 IFA_F_NODAD = 0x02
 RTN_LOCAL = 2  # linux/rtnetlink.h: route type of our own addresses
 IPV6_READY_TIMEOUT = 2.0  # seconds
-DEFAULT_TXQUEUELEN = 1000  # packets; config tun.txqueuelen (why: config/tun2socks.yaml)
 # Read per wake-up, until the queue is empty or one of these is reached. While thousands
 # of upstream sockets wake the loop too, 64 packets per turn let a burst of SYNs and ACKs
 # overflow the kernel's queue (10,000 connections at once with a queue of 10,000, measured:
@@ -155,7 +154,7 @@ class TunDevice:
         mtu: int,
         addresses: Sequence[IPv4Interface | IPv6Interface],
         offload: bool,
-        txqueuelen: int = DEFAULT_TXQUEUELEN,
+        txqueuelen: int | None = None,
     ) -> TunDevice:
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
             raise DeviceError(f"invalid device name {name!r} (1 to {IFNAMSIZ - 1} characters)")
@@ -405,16 +404,20 @@ def _open_with_offload(name: str) -> Any:
 
 
 def _configure(
-    name: str, mtu: int, addresses: Sequence[IPv4Interface | IPv6Interface], txqueuelen: int
+    name: str,
+    mtu: int,
+    addresses: Sequence[IPv4Interface | IPv6Interface],
+    txqueuelen: int | None,
 ) -> None:
     step = "look up"
     try:
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=name)[0]
-            step = f"set mtu {mtu} and txqueuelen {txqueuelen} on"
-            # The kernel's queue toward us (500 packets by default) must take a burst of SYNs
-            # while we are busy: what it drops costs the clients a retransmission timeout.
-            ipr.link("set", index=index, mtu=mtu, txqlen=txqueuelen)
+            step = f"set mtu {mtu} on"
+            ipr.link("set", index=index, mtu=mtu)
+            if txqueuelen is not None:  # the kernel's queue toward us (config/tun2socks.yaml)
+                step = f"set txqueuelen {txqueuelen} on"
+                ipr.link("set", index=index, txqlen=txqueuelen)
             for iface in addresses:
                 step = f"add address {iface} to"
                 args: dict[str, object] = {

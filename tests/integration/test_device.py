@@ -69,8 +69,12 @@ def open_device(netns: str, loop: asyncio.AbstractEventLoop) -> Iterator[Callabl
     """TunDevice.open inside the namespace; every device is closed before the namespace goes."""
     devices: list[TunDevice] = []
 
-    def open_(name: str = DEV, *, offload: bool = False, mtu: int = MTU) -> TunDevice:
-        device = TunDevice.open(name, mtu=mtu, addresses=ADDRESSES, offload=offload)
+    def open_(
+        name: str = DEV, *, offload: bool = False, mtu: int = MTU, txqueuelen: int | None = None
+    ) -> TunDevice:
+        device = TunDevice.open(
+            name, mtu=mtu, addresses=ADDRESSES, offload=offload, txqueuelen=txqueuelen
+        )
         devices.append(device)
         return device
 
@@ -210,6 +214,19 @@ def test_open_creates_device_with_mtu_addresses_and_up(
     assert link.get_attr("IFLA_MTU") == 1400
     assert link["flags"] & 1  # IFF_UP
     assert {(HOST4, 24), (HOST6, 64)} <= addresses
+
+
+def test_txqueuelen_is_set_when_configured_and_left_alone_otherwise(
+    open_device: Callable[..., TunDevice],
+) -> None:
+    open_device(txqueuelen=2000)
+    with IPRoute() as ipr:
+        (link,) = ipr.get_links(ifname=DEV)
+        assert link.get_attr("IFLA_TXQLEN") == 2000
+    open_device("t2s-other")
+    with IPRoute() as ipr:
+        (link,) = ipr.get_links(ifname="t2s-other")
+        assert link.get_attr("IFLA_TXQLEN") == 500  # the kernel's default for a TUN
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])

@@ -177,6 +177,5 @@ def test_10000_connections_opened_at_once_through_danted_all_complete(
                   "upstream_errors": stats["upstream_errors"]}  # fmt: skip
         (artifact_dir / "burst.json").write_text(json.dumps(report, indent=2))
         assert t2s.process.poll() is None, "tun2socks died in the burst"
-        assert report["tun"]["txqlen"] == 1000, report  # tun.txqueuelen's default
         assert result["ok"] == N_CONNECTIONS, report
         assert "Traceback" not in t2s.log_text()
