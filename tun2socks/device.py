@@ -51,13 +51,13 @@ VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_
 IFA_F_NODAD = 0x02
 RTN_LOCAL = 2  # linux/rtnetlink.h: route type of our own addresses
 IPV6_READY_TIMEOUT = 2.0  # seconds
-# Read per wake-up, until the queue is empty or one of these is reached. While thousands
-# of upstream sockets wake the loop too, 64 packets per turn let a burst of SYNs and ACKs
-# overflow the kernel's queue (10,000 connections at once with a queue of 10,000, measured:
-# 44,000 to 73,000 drops at 64 or 256, 23,000 at 4096); the byte bound keeps bulk transfers
-# at their old batches of 64 super-packets.
-READ_BATCH = 4096
-READ_BATCH_BYTES = 64 * 65536
+# Reads per wake-up grow with the time since the last one: `batch` packets per
+# BATCH_INTERVAL away, at most MAX_BATCH. A quiet loop reads small batches (each reply
+# waits for its batch); when thousands of upstream sockets make each loop turn long (10,000
+# connections opened at once) a fixed 64 per turn starved the TUN, and its kernel queue
+# overflowed into minutes of client retransmissions.
+BATCH_INTERVAL = 0.005  # seconds
+MAX_BATCH = 4096
 
 IFNAMSIZ = 16
 # A super-packet is at most 64 KiB; the slack lets us detect (and drop) anything bigger instead of
@@ -141,7 +141,8 @@ class TunDevice:
         self.tap: PacketTap | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_packets: OnPackets | None = None
-        self._batch = READ_BATCH
+        self._batch = 64
+        self._last_read = 0.0
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._closed = False
@@ -215,18 +216,23 @@ class TunDevice:
         return self._fd
 
     def start(
-        self, loop: asyncio.AbstractEventLoop, on_packets: OnPackets, *, batch: int = READ_BATCH
+        self, loop: asyncio.AbstractEventLoop, on_packets: OnPackets, *, batch: int = 64
     ) -> None:
         if self._closed or self._loop is not None:
             raise RuntimeError("TunDevice.start() called twice or after close()")
         self._loop, self._on_packets, self._batch = loop, on_packets, batch
+        self._last_read = loop.time()
         loop.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self) -> None:
         fd, offload, read = self._fd, self.offload, os.read
         packets: list[tuple[bytes, bool]] = []
         nbytes = 0
-        for _ in range(self._batch):
+        assert self._loop is not None
+        now = self._loop.time()
+        away, self._last_read = now - self._last_read, now
+        batch = min(MAX_BATCH, max(self._batch, int(self._batch * away / BATCH_INTERVAL)))
+        for _ in range(batch):
             try:
                 data = read(fd, READ_SIZE)
             except BlockingIOError:
@@ -243,8 +249,6 @@ class TunDevice:
             else:
                 packets.append((data, False))
                 nbytes += len(data)
-            if nbytes >= READ_BATCH_BYTES:
-                break
         if packets:
             self.stats.packets_in += len(packets)
             self.stats.bytes_in += nbytes

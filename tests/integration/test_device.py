@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Interface, IPv6Interface, ip_address
 
@@ -374,7 +375,21 @@ def test_reads_are_batched_up_to_batch_size(
 
     assert [parse(p)[3][8:] for p, _ in datagrams] == [b"%d" % i for i in range(10)]
     assert len(reader.batches) >= 3
-    assert max(len(batch) for batch in reader.batches) <= 4
+    assert max(len(batch) for batch in reader.batches) <= 4  # a quiet loop: `batch` at a time
+
+
+def test_reads_grow_with_the_time_the_loop_was_away(
+    open_device: Callable[..., TunDevice], loop: asyncio.AbstractEventLoop
+) -> None:
+    device = open_device()
+    reader = Reader(loop, device, batch=4)
+    with bound_udp_socket(HOST4) as sock:
+        for i in range(40):
+            sock.sendto(b"%d" % i, (PEER4, 9))
+    time.sleep(0.05)  # the loop is busy elsewhere for 10 batch intervals: 40 packets at once
+    datagrams = reader.wait_for(is_udp_to(PEER4, 9), count=40)
+    assert [parse(p)[3][8:] for p, _ in datagrams] == [b"%d" % i for i in range(40)]
+    assert max(len(batch) for batch in reader.batches) > 4
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
