@@ -41,6 +41,14 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01  # we accept packets with partial checksums
 TUN_F_TSO4 = 0x02  # ... and TCP super-packets (requires TUN_F_CSUM)
 TUN_F_TSO6 = 0x04
+# Reads per wake-up grow with the time since the last one: `batch` packets per
+# BATCH_INTERVAL away, at most MAX_BATCH. A quiet loop reads small batches (each reply
+# waits for its batch); when thousands of upstream sockets make each loop turn long (10,000
+# connections opened at once) a fixed 64 per turn starved the TUN, and its kernel queue
+# overflowed into minutes of client retransmissions.
+BATCH_INTERVAL = 0.005  # seconds
+MAX_BATCH = 4096
+
 IFNAMSIZ = 16
 # A super-packet is at most 64 KiB; the slack lets us detect (and drop) anything bigger instead of
 # silently truncating it. Kept under glibc's 128 KiB mmap threshold so each read stays cheap.
@@ -83,6 +91,7 @@ class TunDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_packets: OnPackets | None = None
         self._batch = 64
+        self._last_read = 0.0
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._closed = False
@@ -95,6 +104,7 @@ class TunDevice:
         mtu: int,
         addresses: Sequence[IPv4Interface | IPv6Interface],
         offload: bool,
+        txqueuelen: int | None = None,
     ) -> TunDevice:
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
             raise DeviceError(f"invalid device name {name!r} (1 to {IFNAMSIZ - 1} characters)")
@@ -107,7 +117,7 @@ class TunDevice:
             except OSError as exc:
                 raise DeviceError(_open_error(name, exc)) from None
         try:
-            configure_link(name, mtu, addresses)
+            configure_link(name, mtu, addresses, txqueuelen)
         except LinkError as exc:
             tun.close()
             raise DeviceError(str(exc)) from None
@@ -163,13 +173,18 @@ class TunDevice:
         if self._closed or self._loop is not None:
             raise RuntimeError("TunDevice.start() called twice or after close()")
         self._loop, self._on_packets, self._batch = loop, on_packets, batch
+        self._last_read = loop.time()
         loop.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self) -> None:
         fd, offload, read = self._fd, self.offload, os.read
         packets: list[tuple[bytes, bool]] = []
         nbytes = 0
-        for _ in range(self._batch):
+        assert self._loop is not None
+        now = self._loop.time()
+        away, self._last_read = now - self._last_read, now
+        batch = min(MAX_BATCH, max(self._batch, int(self._batch * away / BATCH_INTERVAL)))
+        for _ in range(batch):
             try:
                 data = read(fd, READ_SIZE)
             except BlockingIOError:

@@ -7,9 +7,10 @@ can count its TTLs down (``message.client_reply``). Time is an argument: the tes
 
 - Positive answers live for the smallest TTL among their records, each clamped to
   ``[min_ttl, max_ttl]`` first.
-- Negative answers (NXDOMAIN, or NOERROR without an answer: "NODATA") live for
-  ``min(SOA TTL, SOA MINIMUM)`` capped at ``negative_ttl`` (RFC 2308 section 5). Without an SOA
-  in the authority section RFC 2308 says not to cache them, and we do not.
+- Negative answers (NXDOMAIN, or NOERROR without a record of the asked type: "NODATA", also
+  at the end of a CNAME chain) live for ``min(SOA TTL, SOA MINIMUM)`` capped at
+  ``negative_ttl`` (RFC 2308 section 5), and no longer than the chain's records. Without an
+  SOA in the authority section RFC 2308 says not to cache them, and we do not.
 - Anything else (SERVFAIL, REFUSED, truncated answers) is never cached.
 - At most ``size`` entries: the least recently used goes first; ``size`` 0 disables the cache.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from dnslib import RR, DNSRecord
 
-from .message import NOERROR, NXDOMAIN, TYPE_OPT, TYPE_SOA, QuestionKey
+from .message import NOERROR, NXDOMAIN, TYPE_ANY, TYPE_CNAME, TYPE_OPT, TYPE_SOA, QuestionKey
 
 _TtlMap = Callable[[int], int]
 
@@ -68,8 +69,7 @@ class DnsCache:
         if self.settings.size <= 0 or answer.header.tc:
             return None
         rcode = answer.header.rcode
-        # (an OPT record belongs in the additional section only, RFC 6891 6.1.1: not an answer)
-        if rcode == NOERROR and any(rr.rtype != TYPE_OPT for rr in answer.rr):
+        if rcode == NOERROR and _answers(answer, key[1]):
             stored, ttl = self._positive(answer)
         elif rcode in (NOERROR, NXDOMAIN):
             negative = self._negative(answer)
@@ -101,7 +101,22 @@ class DnsCache:
         soa = soas[0]
         minimum = int(soa.rdata.times[4])
         ttl = min(int(soa.ttl), minimum, self.settings.negative_ttl)
+        # A CNAME chain before the "no" (RFC 2308 sections 2.1, 2.2) is cached with it: the
+        # entry must not outlive the chain's own records.
+        chain = [self._clamp(int(rr.ttl)) for rr in answer.rr if rr.rtype != TYPE_OPT]
+        ttl = min([ttl, *chain])
         return _copy(answer, lambda rr_ttl: min(rr_ttl, ttl)), ttl
+
+
+def _answers(answer: DNSRecord, qtype: int) -> bool:
+    """Whether the answer section holds a record of the asked type (an answer, not NODATA).
+
+    A CNAME chain alone is NODATA when its target has no such record (RFC 2308 section 2.2);
+    an OPT record belongs in the additional section only (RFC 6891 section 6.1.1).
+    """
+    if qtype == TYPE_ANY:
+        return any(rr.rtype != TYPE_OPT for rr in answer.rr)
+    return any(rr.rtype == qtype for rr in answer.rr) or (qtype == TYPE_CNAME and bool(answer.rr))
 
 
 def _copy(answer: DNSRecord, ttl_of: _TtlMap) -> DNSRecord:

@@ -88,6 +88,13 @@ class FakeIpPool:
         self._touch(number, now)
         return mapping.name
 
+    def name_of(self, address: IPAddress) -> str | None:
+        """The name ``address`` stands for, without counting as use (reverse lookups)."""
+        if address not in self.network:
+            return None
+        mapping = self._by_address.get(int(address))
+        return None if mapping is None else mapping.name
+
     def _touch(self, number: int, now: float) -> None:
         self._by_address[number].last_used = now
         self._by_address.move_to_end(number)

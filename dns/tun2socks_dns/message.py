@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from dnslib import AAAA as AAAA_RDATA
-from dnslib import CLASS, EDNS0, QTYPE, RCODE, RR, DNSError, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import CLASS, EDNS0, PTR, QTYPE, RCODE, RR, DNSError, DNSHeader, DNSQuestion, DNSRecord
 from dnslib import A as A_RDATA
 
 HEADER_SIZE = 12  # RFC 1035 section 4.1.1
@@ -29,6 +29,9 @@ TYPE_A = QTYPE.A
 TYPE_AAAA = QTYPE.AAAA
 TYPE_OPT = QTYPE.OPT
 TYPE_SOA = QTYPE.SOA
+TYPE_CNAME = QTYPE.CNAME
+TYPE_ANY = QTYPE.ANY
+TYPE_PTR = QTYPE.PTR
 ZONE_TRANSFERS = frozenset({QTYPE.AXFR, QTYPE.IXFR})
 CLASS_IN = CLASS.IN
 
@@ -44,6 +47,8 @@ QuestionKey = tuple[tuple[bytes, ...], int, int]
 
 
 NOT_IMPLEMENTED = frozenset({"opcode", "zone_transfer"})  # BadQuery reasons answered NOTIMP
+EDNS_VERSION = 0  # the highest EDNS version we implement (RFC 6891 section 6.1.3)
+BADVERS = 16  # RFC 6891 section 9: extended RCODE 1, header RCODE 0
 
 
 class BadQuery(Exception):
@@ -96,6 +101,24 @@ def domain_text(labels: tuple[bytes, ...]) -> str | None:
     return b".".join(labels).decode("ascii")
 
 
+def reverse_address(labels: tuple[bytes, ...]) -> IPv4Address | IPv6Address | None:
+    """The address a whole reverse name stands for (RFC 1035 section 3.5, RFC 3596 section
+    2.5): ``4.3.2.1.in-addr.arpa`` is 1.2.3.4; None for any other name (a zone cut included)."""
+    lower = tuple(label.lower() for label in labels)
+    try:
+        if lower[-2:] == (b"in-addr", b"arpa") and len(lower) == 6:
+            octets = [int(label) for label in reversed(lower[:4])]
+            if all(label.isdigit() and len(label) <= 3 for label in lower[:4]):
+                return IPv4Address(bytes(octets))
+        elif lower[-2:] == (b"ip6", b"arpa") and len(lower) == 34:
+            nibbles = b"".join(reversed(lower[:32]))
+            if all(len(label) == 1 for label in lower[:32]):
+                return IPv6Address(int(nibbles, 16))
+    except ValueError:  # a label that is no number, an octet over 255
+        return None
+    return None
+
+
 def question_key(question: DNSQuestion) -> QuestionKey:
     labels = tuple(label.lower() for label in question.qname.label)
     return labels, int(question.qtype), int(question.qclass)
@@ -126,6 +149,8 @@ def parse_query(data: bytes) -> Query:
     for rr in record.ar:
         if rr.rtype == TYPE_OPT:
             edns_size = int(rr.rclass)
+            if (int(rr.ttl) >> 16) & 0xFF > EDNS_VERSION:  # the VERSION byte of the OPT TTL
+                raise BadQuery("badvers", _badvers_reply(record))
     return Query(
         id=header.id,
         question=question,
@@ -142,6 +167,15 @@ def _header_error(data: bytes, rcode: int) -> bytes:
     opcode_rd = flags & 0x7900  # keep OPCODE and RD
     reply_flags = 0x8000 | opcode_rd | 0x0080 | rcode  # QR, RA, RCODE
     return data[:2] + reply_flags.to_bytes(2, "big") + bytes(8)
+
+
+def _badvers_reply(record: DNSRecord) -> bytes:
+    """RFC 6891 section 6.1.3: BADVERS, with an OPT record carrying the version we do speak."""
+    reply = DNSRecord(DNSHeader(id=record.header.id, qr=1, ra=1, rd=record.header.rd))
+    reply.questions = list(record.questions[:1])
+    reply.header.rcode = BADVERS & 0xF
+    reply.add_ar(EDNS0(ext_rcode=BADVERS >> 4, version=EDNS_VERSION, udp_len=EDNS_UDP_SIZE))
+    return bytes(reply.pack())
 
 
 def error_reply_for(record: DNSRecord, rcode: int) -> bytes:
@@ -203,6 +237,16 @@ def local_answer(
         else:
             rdata, rtype = AAAA_RDATA(str(address)), TYPE_AAAA
         record.add_answer(RR(query.question.qname, rtype, CLASS_IN, ttl, rdata))
+    return record
+
+
+def ptr_answer(query: Query, name: str | None, ttl: int) -> DNSRecord:
+    """A PTR answer we make ourselves (fake addresses): the name, or NXDOMAIN without one."""
+    record = DNSRecord(DNSHeader(qr=1, aa=1, ra=1), q=query.question)
+    if name is None:
+        record.header.rcode = NXDOMAIN
+    else:
+        record.add_answer(RR(query.question.qname, TYPE_PTR, CLASS_IN, ttl, PTR(name + ".")))
     return record
 
 

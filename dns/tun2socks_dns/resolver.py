@@ -8,7 +8,9 @@ Theory of operation: ``handle(data, now)`` returns one of
 - ``Refuse``: the bytes are not a query we answer normally: send ``reply`` (FORMERR, NOTIMP)
   or drop when it is None.
 
-In order: static hosts (A/AAAA) win; then, in ``fake-ip`` mode, A/AAAA for names outside
+In order: static hosts (A/AAAA) win; PTR queries for an address of a fake-IP pool are answered
+from the pool (its name, or NXDOMAIN when unassigned: asking upstream would leak a private
+address and get the wrong answer); then, in ``fake-ip`` mode, A/AAAA for names outside
 ``real_domains`` get a fake address, and HTTPS/SVCB queries for them get an empty answer (their
 address hints would otherwise hand out real addresses); then the cache; then upstream.
 
@@ -34,6 +36,7 @@ from .message import (
     SERVFAIL,
     TYPE_A,
     TYPE_AAAA,
+    TYPE_PTR,
     BadQuery,
     Query,
     QuestionKey,
@@ -41,12 +44,16 @@ from .message import (
     domain_text,
     local_answer,
     parse_query,
+    ptr_answer,
+    reverse_address,
 )
 
 IPAddress = IPv4Address | IPv6Address
 HOSTS_TTL = 60  # seconds; entries change only with the config, but clients should re-ask
 ADDRESS_TYPES = {TYPE_A: 4, TYPE_AAAA: 6}
 ADDRESS_HINT_TYPES = frozenset({QTYPE.SVCB, QTYPE.HTTPS})  # RFC 9460 ipv4hint/ipv6hint
+# the counter of each error reply that is not FORMERR
+_ERROR_COUNTER = {**dict.fromkeys(NOT_IMPLEMENTED, "notimp"), "badvers": "badvers"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ class Resolver:
             if bad.reply is None:
                 self.counters["dropped"] += 1
             else:
-                self.counters["notimp" if bad.reason in NOT_IMPLEMENTED else "formerr"] += 1
+                self.counters[_ERROR_COUNTER.get(bad.reason, "formerr")] += 1
             self.counters[f"bad_{bad.reason}"] += 1
             return Refuse(bad.reason, bad.reply)
         self.counters["queries"] += 1
@@ -121,6 +128,10 @@ class Resolver:
             if addresses is not None:
                 self.counters["hosts_answers"] += 1
                 return self._made(query, addresses, HOSTS_TTL, "hosts")
+        if qtype == TYPE_PTR and self.fake_pools:
+            reverse = self._fake_reverse(query)
+            if reverse is not None:
+                return reverse
         if not self.fake_mode or domain in self.real_domains:
             return None
         if version is not None:
@@ -137,6 +148,16 @@ class Resolver:
         if qtype in ADDRESS_HINT_TYPES:
             return self._made(query, [], self.fake_ttl, "fake")
         return None
+
+    def _fake_reverse(self, query: Query) -> Answer | None:
+        """A PTR answer for an address of a fake-IP pool; None for any other name."""
+        address = reverse_address(query.key[0])
+        pool = None if address is None else self.fake_pools.get(address.version)
+        if address is None or pool is None or address not in pool:
+            return None
+        name = pool.name_of(address)
+        self.counters["fake_ptr_answers"] += 1
+        return Answer(query, client_reply(query, ptr_answer(query, name, self.fake_ttl)), "fake")
 
     def _made(
         self, query: Query, addresses: list[IPAddress], ttl: int, source: str, *, rcode: int = 0

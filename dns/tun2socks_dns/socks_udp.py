@@ -1,8 +1,11 @@
 """``udp://`` upstreams: DNS over UDP through one SOCKS5 UDP ASSOCIATE (asyncio).
 
-One association per upstream, opened on the first query and reused: queries go out with an ID
-unused among those in flight, answers come back through ``on_datagram`` and are matched by ID
-and by their source (the upstream's address and port: datagrams from anyone else are ignored).
+One association per upstream, opened on the first query and reused: queries go out with a
+random ID unused among those in flight and the letters of their name in random case (0x20,
+``case_0x20.py``: the association's port never changes, so the ID alone would be 16 bits
+against spoofing); answers come back through ``on_datagram`` and are matched by ID, by their
+source (the upstream's address and port) and by the exact spelling of their question: any
+other datagram is ignored, counted in ``rejected``, and the query keeps waiting.
 When the association ends (the proxy closed its control connection), queries in flight fail
 and the next query opens a new one; after ``idle_timeout`` without queries it is closed.
 
@@ -21,6 +24,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from tun2socks.outbound.socks5 import Socks5ReplyError
 from tun2socks.outbound.socks5_udp import UdpAssociation
 
+from .case_0x20 import randomize_case, same_question
 from .single_flight import SingleFlight
 from .upstreams import UdpUnsupported
 
@@ -34,16 +38,24 @@ COMMAND_NOT_SUPPORTED = 7  # RFC 1928 section 6
 
 class SocksUdpExchange:
     def __init__(
-        self, server: IPAddress, port: int, associate: Associate, *, idle_timeout: float = 60.0
+        self,
+        server: IPAddress,
+        port: int,
+        associate: Associate,
+        *,
+        idle_timeout: float = 60.0,
+        random_bits: Callable[[int], int] = secrets.randbits,
     ) -> None:
+        self._random_bits = random_bits
         self.server = server
         self.port = port
         self._associate = associate
         self._idle_timeout = idle_timeout
         self._association: UdpAssociation | None = None
         self._opening = SingleFlight(self._open)
-        self._waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._waiters: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
         self._idle_timer: asyncio.TimerHandle | None = None
+        self.rejected = 0  # answers with a known ID but the wrong source or spelling
 
     async def __call__(self, request: bytes) -> bytes:
         association = await self._current()
@@ -53,18 +65,17 @@ class SocksUdpExchange:
             if message_id not in self._waiters:
                 break
         waiter: asyncio.Future[bytes] = loop.create_future()
-        self._waiters[message_id] = waiter
+        wire = randomize_case(message_id.to_bytes(2, "big") + request[2:], self._random_bits)
+        self._waiters[message_id] = (waiter, wire)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
         try:
-            if not association.send(
-                str(self.server), self.port, message_id.to_bytes(2, "big") + request[2:]
-            ):
+            if not association.send(str(self.server), self.port, wire):
                 raise ConnectionResetError("the UDP association dropped the query")
             return await waiter
         finally:
-            if self._waiters.get(message_id) is waiter:
+            if message_id in self._waiters and self._waiters[message_id][0] is waiter:
                 del self._waiters[message_id]
             if not self._waiters:
                 self._idle_timer = loop.call_later(self._idle_timeout, self._close_if_idle)
@@ -89,15 +100,23 @@ class SocksUdpExchange:
             source = ip_address(host)
         except ValueError:
             return
-        if source != self.server or port != self.port or len(payload) < 12 or not payload[2] & 0x80:
+        if len(payload) < 12 or not payload[2] & 0x80:
             return
-        waiter = self._waiters.pop(int.from_bytes(payload[:2], "big"), None)
-        if waiter is not None and not waiter.done():
+        message_id = int.from_bytes(payload[:2], "big")
+        pending = self._waiters.get(message_id)
+        if pending is None:
+            return
+        waiter, sent = pending
+        if source != self.server or port != self.port or not same_question(sent, payload):
+            self.rejected += 1  # spoofed or stale: keep waiting for the real answer
+            return
+        del self._waiters[message_id]
+        if not waiter.done():
             waiter.set_result(payload)
 
     def _on_close(self, reason: str) -> None:
         self._association = None
-        for waiter in self._waiters.values():
+        for waiter, _sent in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(ConnectionResetError(f"UDP association ended: {reason}"))
         self._waiters.clear()

@@ -2,7 +2,7 @@
 
 Checked for any bytes: the parsers raise only Socks5WireError (or ValueError for a wrong-sized
 fixed message, which is our misuse and never happens with the sizes used here); a driver that
-reads exactly `reply_bytes_missing` bytes at a time never reads past the reply and ends with
+reads up to `reply_bytes_missing` bytes at a time never reads past the reply and ends with
 the same reply as parsing the whole buffer; a parsed reply or UDP header builds back to the
 same bytes when the address is in canonical form.
 
@@ -28,9 +28,10 @@ def _incremental(data: bytes) -> wire.Reply | None:
         missing = wire.reply_bytes_missing(have)
         if missing == 0:
             return wire.parse_reply(have)
-        if len(have) + missing > len(data):
+        got = data[: len(have) + missing]  # a read returns what is there, up to `missing`
+        if len(got) == len(have):
             return None  # the server would still owe bytes
-        have = data[: len(have) + missing]
+        have = got
     raise AssertionError("reply_bytes_missing never reached 0")
 
 

@@ -5,6 +5,8 @@
          it is alive (one byte there and back); then all close. Steps are driven by lines on
          stdin ("data", "idle", "close") so that the test can measure in between; each step
          prints one JSON line ({"event": ...}).
+  burst  start N connections at the same moment, no pacing: each connects, echoes --bytes
+         and closes; prints {"ok": K, "of": N, "errors": {...}, ...}.
   probe  connect, echo a few bytes, close, every --interval seconds for --duration seconds;
          prints {"ok": K, "failed": F, "errors": [...]} (real connections during a flood).
   soak   rounds of mixed traffic for --duration seconds with a fixed set of idle connections
@@ -147,6 +149,32 @@ async def cmd_load(args: argparse.Namespace) -> None:
     await read_command("close", args.step_timeout)
     await gather_counted([close_conn(c) for c in live], args.step_timeout)
     emit(event="closed", closed=len(live))
+
+
+# ---------------------------------------------------------------- burst
+
+
+async def cmd_burst(args: argparse.Namespace) -> None:
+    """-n connections started at the same moment, no pacing: each connects, echoes, closes."""
+    raise_nofile_limit()
+    latencies: list[float] = []
+
+    async def one(seed: int) -> None:
+        started = time.monotonic()
+        conn = await open_conn(args.host, args.port, args.timeout)
+        try:
+            await echo_once(conn, pattern(args.bytes, seed), args.timeout)
+        finally:
+            await close_conn(conn)
+        latencies.append(time.monotonic() - started)
+
+    started = time.monotonic()
+    ok, errors = await gather_counted([one(i) for i in range(args.n)], args.step_timeout)
+    latencies.sort()
+    emit(ok=ok, of=args.n, seconds=round(time.monotonic() - started, 1),
+         errors=dict(errors.most_common(5)),
+         p50=round(latencies[len(latencies) // 2], 3) if latencies else None,
+         max_latency=round(latencies[-1], 3) if latencies else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------- probe
@@ -307,6 +335,13 @@ def main() -> int:
     load.add_argument("--data-c", type=int, default=500, help="data exchanges in flight")
     load.add_argument("--connect-timeout", type=float, default=20.0)
     load.add_argument("--step-timeout", type=float, default=60.0)
+    burst = sub.add_parser("burst")
+    burst.add_argument("--host", required=True)
+    burst.add_argument("--port", type=int, required=True)
+    burst.add_argument("-n", type=int, default=10_000)
+    burst.add_argument("--bytes", type=int, default=64)
+    burst.add_argument("--timeout", type=float, default=60.0, help="per connection step")
+    burst.add_argument("--step-timeout", type=float, default=120.0, help="for the whole burst")
     probe = sub.add_parser("probe")
     probe.add_argument("--host", required=True)
     probe.add_argument("--port", type=int, required=True)
@@ -339,7 +374,7 @@ def main() -> int:
     soak.add_argument("--dns-expect", help="the A record of --dns-name and its subdomains")
     soak.add_argument("--dns-new-names", type=int, default=6, help="new names per round")
     args = parser.parse_args()
-    commands = {"load": cmd_load, "probe": cmd_probe, "soak": cmd_soak}
+    commands = {"load": cmd_load, "burst": cmd_burst, "probe": cmd_probe, "soak": cmd_soak}
     asyncio.run(commands[args.command](args))
     return 0
 

@@ -119,15 +119,31 @@ def async_servers(bed: bedlib.Bed, processes: int = 2) -> Iterator[str]:
             kill_group(proc, signal.SIGTERM)
 
 
-class KillableDanted:
-    """A danted of our own (no auth) on KILLABLE_SOCKS_PORT, to be killed and restarted."""
+@contextlib.contextmanager
+def echo_servers(bed: bedlib.Bed, processes: int = 2) -> Iterator[None]:
+    """The echo server of `async_servers` alone, for tests whose proxy is the bed's danted."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(processes):
+            args = [sys.executable, str(ASYNC_SERVERS), "echo", "--host", bedlib.TARGET_IP]
+            args += ["--port", str(ECHO_PORT), "--reuse-port"]
+            started.append(start_in_srv(bed, f"echo-{i}", args, ready="listening"))
+        yield
+    finally:
+        for proc in started:
+            kill_group(proc, signal.SIGTERM)
 
-    def __init__(self, bed: bedlib.Bed) -> None:
+
+class KillableDanted:
+    """A danted of our own (no auth) on KILLABLE_SOCKS_PORT, to be killed and restarted;
+    `settings` are extra lines for its configuration."""
+
+    def __init__(self, bed: bedlib.Bed, settings: str = "") -> None:
         self.bed = bed
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = bed.workdir / "danted-killable.conf"
         self.config.write_text(
-            f"logoutput: {bed.workdir / 'danted-killable.out'}\n"
+            settings + f"logoutput: {bed.workdir / 'danted-killable.out'}\n"
             f"internal: {bedlib.SRV_VETH_IP} port = {KILLABLE_SOCKS_PORT}\n"
             "external: lo\nclientmethod: none\nsocksmethod: none\n"
             "user.privileged: root\nuser.unprivileged: nobody\n"

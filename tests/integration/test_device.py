@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Interface, IPv6Interface, ip_address
 
@@ -70,8 +71,12 @@ def open_device(netns: str, loop: asyncio.AbstractEventLoop) -> Iterator[Callabl
     """TunDevice.open inside the namespace; every device is closed before the namespace goes."""
     devices: list[TunDevice] = []
 
-    def open_(name: str = DEV, *, offload: bool = False, mtu: int = MTU) -> TunDevice:
-        device = TunDevice.open(name, mtu=mtu, addresses=ADDRESSES, offload=offload)
+    def open_(
+        name: str = DEV, *, offload: bool = False, mtu: int = MTU, txqueuelen: int | None = None
+    ) -> TunDevice:
+        device = TunDevice.open(
+            name, mtu=mtu, addresses=ADDRESSES, offload=offload, txqueuelen=txqueuelen
+        )
         devices.append(device)
         return device
 
@@ -211,6 +216,19 @@ def test_open_creates_device_with_mtu_addresses_and_up(
     assert link.get_attr("IFLA_MTU") == 1400
     assert link["flags"] & 1  # IFF_UP
     assert {(HOST4, 24), (HOST6, 64)} <= addresses
+
+
+def test_txqueuelen_is_set_when_configured_and_left_alone_otherwise(
+    open_device: Callable[..., TunDevice],
+) -> None:
+    open_device(txqueuelen=2000)
+    with IPRoute() as ipr:
+        (link,) = ipr.get_links(ifname=DEV)
+        assert link.get_attr("IFLA_TXQLEN") == 2000
+    open_device("t2s-other")
+    with IPRoute() as ipr:
+        (link,) = ipr.get_links(ifname="t2s-other")
+        assert link.get_attr("IFLA_TXQLEN") == 500  # the kernel's default for a TUN
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
@@ -358,7 +376,21 @@ def test_reads_are_batched_up_to_batch_size(
 
     assert [parse(p)[3][8:] for p, _ in datagrams] == [b"%d" % i for i in range(10)]
     assert len(reader.batches) >= 3
-    assert max(len(batch) for batch in reader.batches) <= 4
+    assert max(len(batch) for batch in reader.batches) <= 4  # a quiet loop: `batch` at a time
+
+
+def test_reads_grow_with_the_time_the_loop_was_away(
+    open_device: Callable[..., TunDevice], loop: asyncio.AbstractEventLoop
+) -> None:
+    device = open_device()
+    reader = Reader(loop, device, batch=4)
+    with bound_udp_socket(HOST4) as sock:
+        for i in range(40):
+            sock.sendto(b"%d" % i, (PEER4, 9))
+    time.sleep(0.05)  # the loop is busy elsewhere for 10 batch intervals: 40 packets at once
+    datagrams = reader.wait_for(is_udp_to(PEER4, 9), count=40)
+    assert [parse(p)[3][8:] for p, _ in datagrams] == [b"%d" % i for i in range(40)]
+    assert max(len(batch) for batch in reader.batches) > 4
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])

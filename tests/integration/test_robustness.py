@@ -110,11 +110,17 @@ def test_syn_flood_keeps_the_half_open_cap_and_real_connections_succeed(
             peak_fds = max(peak_fds, rh.fd_count(t2s.pid))
             time.sleep(0.2)
         flooded, probed = finish(flood, 10), finish(probe, 10)
+        stats = apiclient.get_json(bed, "/stats")
     report = {"flood": flooded, "probe": probed, "rss_growth_mib": (peak_rss - base_rss) / MIB,
-              "peak_extra_fds": peak_fds - base_fds}  # fmt: skip
+              "peak_extra_fds": peak_fds - base_fds,
+              # real clients whose SYN-cache entry the flood evicted before their ACK came
+              "syn_cookie_flows": stats["components"]["ip"]["syn_cookie_flows"],
+              "drops": stats["drops"]}  # fmt: skip
     (artifact_dir / "synflood.json").write_text(json.dumps(report, indent=2))
     assert flooded["delivered"] >= 100_000, report
-    assert flooded["rst"] > 0, report  # SYNs beyond the cap are answered with RST
+    # SYNs beyond the half-open cap are answered from the SYN cache (with cookies); its
+    # entries are evicted silently (a RST there once reset a real client), so few RSTs remain
+    assert flooded["syn_ack"] > 0 and report["drops"].get("half_open_limit", 0) > 0, report
     # Each half-open flow holds at most one upstream socket: the cap bounds them.
     assert peak_fds - base_fds <= max_half_open + 50, report
     assert peak_rss - base_rss < 64 * MIB, report

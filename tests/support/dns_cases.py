@@ -4,7 +4,7 @@ mutator, and `DnsCheck`: the forwarder's pure core (`Resolver` with its cache, s
 fake-IP pools, all with tiny caps) plus the checks run on every message.
 
 Client bytes (`DnsCheck.query`): `Resolver.handle` raises nothing; a refused message is counted
-once (dropped, formerr or notimp) and dropped only when it is shorter than a header or is a
+once (dropped, formerr, notimp or badvers) and dropped only when it is shorter than a header or is a
 response; an error reply carries the query's ID, QR and its rcode, fits a classic UDP reply
 and parses. Every reply made for a client (hosts, fake address, cache hit, SERVFAIL) carries
 the client's ID and question as written, packs for UDP within the client's limit and for TCP,
@@ -239,7 +239,7 @@ class DnsCheck:
         self.handled += 1
         added = self.resolver.counters - before
         if isinstance(verdict, Refuse):
-            outcome = {"dropped", "formerr", "notimp"} & set(added)
+            outcome = {"dropped", "formerr", "notimp", "badvers"} & set(added)
             assert len(outcome) == 1 and added[outcome.pop()] == 1, (verdict, added)
             assert added[f"bad_{verdict.reason}"] == 1, (verdict, added)
             dropped = len(data) < HEADER_SIZE or bool(data[2] & 0x80)
@@ -301,15 +301,18 @@ class DnsCheck:
         assert len(resolver.cache) <= CACHE.size
         for pool in resolver.fake_pools.values():
             assert len(pool) <= pool.capacity
-        counted = sum(resolver.counters[k] for k in ("queries", "dropped", "formerr", "notimp"))
+        outcomes = ("queries", "dropped", "formerr", "notimp", "badvers")
+        counted = sum(resolver.counters[k] for k in outcomes)
         assert counted == self.handled, (resolver.counters, self.handled)
 
 
 def check_error_reply(data: bytes, reply: bytes) -> None:
     assert HEADER_SIZE <= len(reply) <= CLASSIC_UDP_SIZE, reply
     assert reply[:2] == data[:2] and reply[2] & 0x80, reply
-    assert reply[3] & 0x0F in (FORMERR, NOTIMP), reply
-    DNSRecord.parse(reply)
+    parsed = DNSRecord.parse(reply)
+    # BADVERS (16) is NOERROR in the header and extended RCODE 1 in the OPT record
+    extended = [rr.ttl >> 24 for rr in parsed.ar if rr.rtype == QTYPE.OPT]
+    assert (reply[3] & 0x0F, extended) in ((FORMERR, []), (NOTIMP, []), (0, [1])), reply
 
 
 def check_request(query: Query) -> None:

@@ -72,6 +72,7 @@ class TunConfig(BaseModel):
     addresses: list[Interface] = Field(default_factory=lambda: [_DEFAULT_ADDRESS])
     mtu: int = Field(default=1500, ge=68, le=65535, strict=True)
     offload: bool = Field(default=True, strict=True)
+    txqueuelen: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
 
     @field_validator("name")
     @classmethod

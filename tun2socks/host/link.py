@@ -39,8 +39,14 @@ def link_exists(name: str) -> bool:
     return True
 
 
-def configure_link(name: str, mtu: int, addresses: Sequence[IPv4Interface | IPv6Interface]) -> None:
-    """Set the MTU, add the addresses (present ones are kept) and bring the link up.
+def configure_link(
+    name: str,
+    mtu: int,
+    addresses: Sequence[IPv4Interface | IPv6Interface],
+    txqueuelen: int | None = None,
+) -> None:
+    """Set the MTU (and the queue length when given), add the addresses (present ones are
+    kept) and bring the link up.
 
     Raises LinkError."""
     step = "look up"
@@ -49,6 +55,9 @@ def configure_link(name: str, mtu: int, addresses: Sequence[IPv4Interface | IPv6
             index = ipr.link_lookup(ifname=name)[0]
             step = f"set mtu {mtu} on"
             ipr.link("set", index=index, mtu=mtu)
+            if txqueuelen is not None:  # the kernel's queue toward us (config/tun2socks.yaml)
+                step = f"set txqueuelen {txqueuelen} on"
+                ipr.link("set", index=index, txqlen=txqueuelen)
             for iface in addresses:
                 step = f"add address {iface} to"
                 args: dict[str, object] = {

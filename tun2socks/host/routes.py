@@ -92,7 +92,11 @@ class Host:
         if tun.fd is None:
             self._lock(tun.name)
             self.device = TunDevice.open(
-                tun.name, mtu=tun.mtu, addresses=list(tun.addresses), offload=tun.offload
+                tun.name,
+                mtu=tun.mtu,
+                addresses=list(tun.addresses),
+                offload=tun.offload,
+                txqueuelen=tun.txqueuelen,
             )
         else:
             self.device = TunDevice.from_fd(tun.fd, mtu=tun.mtu, offload=tun.offload)

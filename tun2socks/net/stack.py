@@ -13,6 +13,8 @@ The layer above drives it like aioquic's connection:
 TCP flows are found by their 4-tuple.  A SYN creates a flow and a `FlowRequested` event;
 nothing is answered until `accept` (SYN-ACK) or `reject` (RST).  Caps on flows and on
 half-open flows answer extra SYNs with RST, so a SYN flood cannot grow memory.
+Over the half-open cap a bounded SYN cache answers at once, with SYN cookies as ISNs, so
+that a flood evicting a real client's entry cannot cost that client its connection.
 
 Bad input never raises: a packet that does not parse is counted in `drops` by reason.
 Fragments are reassembled first (`fragments.py`), bounded in memory and time.  UDP becomes
@@ -22,7 +24,6 @@ answered here and other protocols get an ICMP error (`icmp_responder.py`).
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import ipaddress
 import random
@@ -44,6 +45,7 @@ from tun2socks.net.ip import (
 )
 from tun2socks.net.isn import IsnGenerator
 from tun2socks.net.pmtu import is_too_big, parse_too_big
+from tun2socks.net.syn_cookies import SynCookies
 from tun2socks.net.tcp import ACK, FIN, RST, SYN, TCP_HEADER_LEN, TcpSegment
 from tun2socks.net.tcp_conn import TcpConfig, TcpConnection, TcpState
 from tun2socks.net.udp import UdpDatagram
@@ -99,17 +101,19 @@ class Stack:
         self.config = config
         self._tcp_config = {4: config.tcp_config(4), 6: config.tcp_config(6)}
         # Over the half-open cap, SYNs are answered at once from a bounded SYN cache (as
-        # FreeBSD's syncache): one SYN-ACK retry, and no upstream until the client completes
-        # the handshake, so spoofed SYNs cost one small object and one packet each.
-        self._early_config = {
-            v: dataclasses.replace(c, max_syn_ack_retransmissions=1)
-            for v, c in self._tcp_config.items()
-        }
+        # FreeBSD's syncache): no upstream until the client completes the handshake, so
+        # spoofed SYNs cost one small object each. Its SYN-ACKs are retried like any other:
+        # in a burst, queues on the path may hold a real client's ACK for seconds, and giving
+        # up early would reset that client.
         self._early: dict[int, TcpConnection] = {}  # insertion order: oldest first
         # A CSPRNG unless a test passes a seeded generator: ISNs (RFC 6528) and fragment
         # identifications (RFC 7739) must not be predictable.
         self._rng = rng or random.SystemRandom()
         self._isn = IsnGenerator(self._rng.randbytes(16))
+        # The SYN-ACKs of the SYN cache carry cookies, so that a client whose entry was
+        # evicted by a flood still completes its handshake (syn_cookies.py).
+        self._cookies = SynCookies(self._rng.randbytes(16))
+        self.cookie_flows = 0  # flows rebuilt from a cookie after their cache entry went
         self._flows: dict[FourTuple, TcpConnection] = {}
         self._by_id: dict[int, TcpConnection] = {}
         self._keys: dict[int, FourTuple] = {}
@@ -351,7 +355,7 @@ class Stack:
         return len(self._half_open)
 
     def ip_stats(self) -> dict[str, int]:
-        """Counters of fragments and ICMP (the API shows them; drops are in `drops`)."""
+        """Counters of fragments, ICMP and SYN cookies (the API shows them; drops: `drops`)."""
         return {
             "fragments_reassembled": self.reassembler.reassembled,
             "fragments_pending": len(self.reassembler),
@@ -360,6 +364,7 @@ class Stack:
             "icmp_echo_replies": self.icmp.echo_replies,
             "icmp_errors_sent": self.icmp.errors_sent,
             "icmp_errors_limited": self.icmp.errors_limited,
+            "syn_cookie_flows": self.cookie_flows,
         }
 
     def close_all(self) -> None:
@@ -433,6 +438,8 @@ class Stack:
         if flags & RST:
             return
         if not is_syn:
+            if flags & (SYN | ACK) == ACK and self._from_cookie(key, packet, seg, now):
+                return
             self._send_reset(packet, seg)  # RFC 9293 3.10.7.1, CLOSED
             self.drops["no_flow"] += 1
             return
@@ -449,22 +456,43 @@ class Stack:
             self._send_reset(packet, seg)
             return
         early = len(self._half_open) >= self.config.max_half_open
-        if early:
-            self.drops["half_open_limit"] += 1
-            if len(self._early) >= self.config.max_syn_cache:
-                oldest = next(iter(self._early.values()))
-                oldest.abort()
-                self._after(oldest)
+        if not early:
+            isn = self._isn.isn(packet.src, seg.src_port, packet.dst, seg.dst_port, now)
+            conn = self._open(key, packet.version, seg, isn, now)
+            self._request(conn)
+            self._after(conn)
+            return
+        self.drops["half_open_limit"] += 1
+        if len(self._early) >= self.config.max_syn_cache:
+            # Silently: a RST helps no spoofed source, and it would kill a real client whose
+            # ACK is still on its way; that ACK carries the cookie and rebuilds the flow.
+            self._remove(next(iter(self._early.values())))
+        cookie = self._cookies.make(key, seg.seq, seg.options, packet.version, now)
+        conn = self._open(key, packet.version, seg, cookie, now, early=True)
+        conn.accept(now)
+        self._after(conn)
+
+    def _open(
+        self,
+        key: FourTuple,
+        version: int,
+        syn: TcpSegment,
+        iss: int,
+        now: float,
+        *,
+        early: bool = False,
+    ) -> TcpConnection:
+        """A new flow for `syn`; in the SYN cache when `early` (see _after)."""
         flow_id = self._next_id
         self._next_id += 1
         conn = TcpConnection(
             flow_id,
-            (self._early_config if early else self._tcp_config)[packet.version],
-            packet.version,
-            (packet.src, seg.src_port),
-            (packet.dst, seg.dst_port),
-            seg,
-            self._isn.isn(packet.src, seg.src_port, packet.dst, seg.dst_port, now),
+            self._tcp_config[version],
+            version,
+            (key[0], key[1]),
+            (key[2], key[3]),
+            syn,
+            iss,
             now,
             self._events,
             self._out,
@@ -475,10 +503,24 @@ class Stack:
         self.flows_total += 1
         if early:
             self._early[flow_id] = conn
-            conn.accept(now)
-        else:
-            self._request(conn)
-        self._after(conn)
+        return conn
+
+    def _from_cookie(self, key: FourTuple, packet: IpPacket, seg: TcpSegment, now: float) -> bool:
+        """An ACK that completes a handshake of the SYN cache whose entry was evicted: rebuild
+        the flow from the cookie it echoes (RFC 4987 3.6) and let the ACK complete it."""
+        irs = (seg.seq - 1) & 0xFFFFFFFF
+        options = self._cookies.check(key, irs, (seg.ack - 1) & 0xFFFFFFFF, now)
+        if options is None or len(self._by_id) - len(self._early) >= self.config.max_flows:
+            return False
+        syn = TcpSegment(seg.src_port, seg.dst_port, irs, 0, SYN, seg.window, options=options)
+        conn = self._open(key, packet.version, syn, (seg.ack - 1) & 0xFFFFFFFF, now, early=True)
+        sent = len(self._out)
+        conn.accept(now)
+        del self._out[sent:]  # the client has our SYN-ACK already
+        conn.receive_segment(seg, now)
+        self.cookie_flows += 1
+        self._after(conn)  # ESTABLISHED: leaves the cache and is requested upstream
+        return True
 
     def _request(self, conn: TcpConnection) -> None:
         self._events.append(

@@ -63,6 +63,9 @@ class AddressType(IntEnum):
     IPV6 = 0x04
 
 
+_ADDRESS_TYPES = frozenset(AddressType)
+
+
 class ReplyCode(IntEnum):
     """REP values (RFC 1928 section 6); 0x09..0xFF are unassigned."""
 
@@ -220,6 +223,8 @@ def reply_bytes_missing(data: Buffer) -> int:
     # RSV (data[2]) is not checked: RFC 1928 gives the receiver no rule for it.
     if have < 4:
         return _REPLY_PREFIX_SIZE - have
+    if _failure_without_address(data):
+        return 0
     size = _address_size(data, 3)
     if size is None:
         return _REPLY_PREFIX_SIZE - have
@@ -233,16 +238,26 @@ def parse_reply(data: Buffer) -> Reply | None:
     """
     if reply_bytes_missing(data) > 0:
         return None
+    if _failure_without_address(data):
+        return Reply(_reply_code(data[1]), "", 0, 4)
     parsed = parse_address(data, 3)
     if parsed is None:  # cannot happen: reply_bytes_missing() said the address is complete
         return None
     host, port, end = parsed
-    code = data[1]
+    return Reply(_reply_code(data[1]), host, port, end)
+
+
+def _reply_code(code: int) -> int:
     try:
-        reply_code: int = ReplyCode(code)
+        return ReplyCode(code)
     except ValueError:
-        reply_code = code
-    return Reply(reply_code, host, port, end)
+        return code
+
+
+def _failure_without_address(data: Buffer) -> bool:
+    """A failure reply whose ATYP is no address type (servers send 0 with a zero address):
+    its REP is what matters, and nothing after it will be read, as the server closes."""
+    return data[1] != ReplyCode.SUCCEEDED and data[3] not in _ADDRESS_TYPES
 
 
 def parse_address(data: Buffer, offset: int = 0) -> tuple[str, int, int] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
+from dnslib import CNAME, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from tun2socks_dns.cache import CacheSettings, DnsCache
 from tun2socks_dns.message import client_reply, parse_query, question_key
@@ -101,6 +101,33 @@ def test_nodata_is_cached_like_nxdomain() -> None:
     assert c.put(key(), negative(rcode=RCODE.NOERROR, minimum=120), 0.0) == 120
     assert c.get(key(), 119.0) is not None
     assert c.get(key(), 120.0) is None
+
+
+def cname_then_nodata(*, cname_ttl: int, soa_ttl: int, minimum: int) -> DNSRecord:
+    """www -> alias.cdn.test, which has no AAAA: a CNAME in the answer, the SOA in authority."""
+    record = DNSRecord.question(NAME, "AAAA").reply()
+    record.add_answer(RR(NAME, QTYPE.CNAME, ttl=cname_ttl, rdata=CNAME("alias.cdn.test")))
+    soa = SOA("ns.cdn.test", "admin.cdn.test", (1, 3600, 600, 86400, minimum))
+    record.add_auth(RR("cdn.test", QTYPE.SOA, ttl=soa_ttl, rdata=soa))
+    return record
+
+
+def test_rfc2308_s5_nodata_after_cname_lives_for_soa_minimum_not_the_soa_ttl() -> None:
+    c = cache()
+    aaaa = key(NAME, "AAAA")
+    assert c.put(aaaa, cname_then_nodata(cname_ttl=3600, soa_ttl=3600, minimum=60), 0.0) == 60
+    assert c.get(aaaa, 59.0) is not None
+    assert c.get(aaaa, 60.0) is None
+    # bounded by the config's negative_ttl, and by the chain's own TTL
+    bounded = cache(negative_ttl=30)
+    assert bounded.put(aaaa, cname_then_nodata(cname_ttl=3600, soa_ttl=900, minimum=600), 0.0) == 30
+    assert c.put(aaaa, cname_then_nodata(cname_ttl=20, soa_ttl=900, minimum=600), 0.0) == 20
+
+
+def test_rfc2308_s5_cname_answer_to_a_cname_question_is_positive() -> None:
+    c = cache()
+    record = cname_then_nodata(cname_ttl=500, soa_ttl=3600, minimum=60)
+    assert c.put(key(NAME, "CNAME"), record, 0.0) == 500
 
 
 def test_negative_answer_without_soa_is_not_cached() -> None:

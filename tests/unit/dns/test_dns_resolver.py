@@ -108,6 +108,26 @@ def test_other_opcodes_and_zone_transfers_get_notimp() -> None:
     assert (r.counters["notimp"], r.counters["formerr"]) == (2, 0)
 
 
+def test_rfc6891_s6_1_3_edns_version_above_0_gets_badvers_with_our_version() -> None:
+    r = resolver()
+    record = DNSRecord.question("a.test")
+    record.header.id = 77
+    record.add_ar(EDNS0(version=1, udp_len=4096))
+    verdict = r.handle(bytes(record.pack()), 0.0)
+    assert isinstance(verdict, Refuse) and verdict.reply is not None
+    reply = DNSRecord.parse(verdict.reply)
+    opt = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
+    assert reply.header.id == 77 and reply.header.qr == 1
+    assert len(opt) == 1
+    # RCODE 16 = BADVERS: 4 bits in the header, the upper 8 in the OPT TTL; VERSION 0
+    assert reply.header.rcode | (opt[0].ttl >> 24) << 4 == 16
+    assert (opt[0].ttl >> 16) & 0xFF == 0
+    assert str(reply.q.qname) == "a.test."
+    assert r.counters["badvers"] == 1 and r.counters["formerr"] == 0
+    # version 0 is served as usual
+    assert isinstance(r.handle(query("a.test", edns=1232), 0.0), Ask)
+
+
 # --- forward mode and the cache ----------------------------------------------------------------
 
 
@@ -227,6 +247,29 @@ def test_fake_ip_forwards_other_types_and_real_domains() -> None:
 def test_fake_ip_hides_address_hints_of_https_records() -> None:
     reply = reply_of(resolver(fake=True).handle(query("www.example.test", "HTTPS"), 0.0))
     assert reply.header.rcode == RCODE.NOERROR and reply.rr == []
+
+
+def test_ptr_for_a_fake_address_is_answered_locally_with_its_name() -> None:
+    r = resolver(fake=True)
+    reply_of(r.handle(query("www.example.test"), 0.0))  # 198.18.128.1
+    reply_of(r.handle(query("www.example.test", "AAAA"), 0.0))  # fd00:7f:f::1
+    v4 = reply_of(r.handle(query("1.128.18.198.in-addr.arpa", "PTR"), 1.0))
+    assert v4.header.rcode == RCODE.NOERROR
+    assert [str(rr.rdata) for rr in v4.rr] == ["www.example.test."]
+    assert v4.rr[0].rtype == QTYPE.PTR and v4.rr[0].ttl == 10
+    reverse6 = ".".join(reversed(f"{int(IPv6Address('fd00:7f:f::1')):032x}")) + ".ip6.arpa"
+    v6 = reply_of(r.handle(query(reverse6, "PTR"), 1.0))
+    assert [str(rr.rdata) for rr in v6.rr] == ["www.example.test."]
+
+
+def test_ptr_for_an_unassigned_fake_address_is_nxdomain_and_not_asked_upstream() -> None:
+    r = resolver(fake=True)
+    reply = reply_of(r.handle(query("2.128.18.198.in-addr.arpa", "PTR"), 0.0))
+    assert reply.header.rcode == RCODE.NXDOMAIN and reply.rr == []
+    # an address outside the pools, or a zone rather than an address, still goes upstream
+    assert isinstance(r.handle(query("1.2.0.192.in-addr.arpa", "PTR"), 0.0), Ask)
+    assert isinstance(r.handle(query("128.18.198.in-addr.arpa", "PTR"), 0.0), Ask)
+    assert isinstance(r.handle(query("x.128.18.198.in-addr.arpa", "PTR"), 0.0), Ask)
 
 
 def test_exhausted_pool_gives_servfail() -> None:

@@ -1,8 +1,8 @@
 """Property-based fuzzing of the SOCKS5 server messages we parse (socks5_wire.py).
 
 test_socks5_wire.py checks that any bytes parse or raise the wire error; these add the
-driver's view: reading exactly what `reply_bytes_missing` asks for never reads past a reply and
-ends with the same reply as parsing everything at once, and UDP relay headers.
+driver's view: reading what `reply_bytes_missing` asks for never reads past a successful reply
+and ends with the same reply as parsing everything at once, and UDP relay headers.
 The same properties run for longer under atheris (tests/fuzz/fuzz_socks5_reply.py).
 """
 
@@ -24,9 +24,10 @@ def read_like_a_driver(stream: bytes) -> tuple[wire.Reply | None, int]:
         missing = wire.reply_bytes_missing(have)
         if missing == 0:
             return wire.parse_reply(have), len(have)
-        if len(have) + missing > len(stream):
+        got = stream[: len(have) + missing]  # a read returns what is there, up to `missing`
+        if len(got) == len(have):
             return None, len(have)
-        have = stream[: len(have) + missing]
+        have = got
     raise AssertionError("a reply needs at most three reads")
 
 
@@ -44,7 +45,10 @@ def test_a_driver_never_reads_past_the_reply(stream: bytes, tail: bytes) -> None
         return
     if whole is not None:
         assert stepped == whole
-        assert read == whole.bytes_consumed  # the bytes after it stay in the socket
+        if whole.reply_code == wire.ReplyCode.SUCCEEDED:
+            assert read == whole.bytes_consumed  # the relayed stream after it stays in the socket
+        else:  # after a failure the server closes: the 5-byte first read may pass a 4-byte reply
+            assert read <= max(whole.bytes_consumed, 5)
 
 
 @settings(max_examples=1000, deadline=None)

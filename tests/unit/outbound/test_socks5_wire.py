@@ -217,6 +217,14 @@ def test_reply_codes_carry_their_rfc_1928_meanings() -> None:
     assert "0x09" in describe_reply(9)
 
 
+@pytest.mark.parametrize("data", ["05 05 00 00", "05 05 00 00 00 00 00 00 00 00", "05 05 00 07 ff"])
+def test_rfc1928_s6_failure_reply_with_atyp_0_still_reports_its_rep_code(data: str) -> None:
+    raw = bytes.fromhex(data)
+    assert reply_bytes_missing(raw[:3]) > 0
+    assert reply_bytes_missing(raw) == 0  # nothing more is read: the server closes
+    assert parse_reply(raw) == Reply(ReplyCode.CONNECTION_REFUSED, "", 0, 4)
+
+
 @pytest.mark.parametrize(
     ("data", "detail"),
     [
