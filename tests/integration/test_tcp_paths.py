@@ -15,10 +15,10 @@ import json
 import os
 from collections.abc import Iterator
 
-import httpserver
 import pytest
 
 from tests.integration import bed as bedlib
+from tests.integration import httpserver
 
 pytestmark = [
     pytest.mark.integration,
