@@ -9,8 +9,11 @@ which the forwarder checks against the question, not the ID. A failure raises (`
 - ``TcpUpstream``: RFC 7766. One connection, opened on demand by a ``connect`` callable (through
   the SOCKS5 proxy, or a plain socket), kept while queries flow and closed after
   ``idle_timeout``; queries are pipelined on it and matched to answers by ID, so answers may
-  come back in any order. A reused connection that the server closed meanwhile (it may, RFC
-  7766 section 6.2.3) costs one retry on a new one.
+  come back in any order. A server may close a connection whenever it likes (RFC 7766 section
+  6.2.3; dnsmasq does after 100 queries): from its EOF or reset on, nothing more is written to
+  that connection, and the queries it left unanswered are sent again on one new connection
+  (counted: ``TcpCounters``), as long as the closed one had answered something (a server that
+  answers nothing at all is a failure, not a reason to loop).
 - ``UdpUpstream``: a query over UDP by an ``exchange`` callable (a fresh plain socket per query
   for ``direct://``: a random source port and ID resist spoofing; a SOCKS5 UDP association for
   ``udp://``, see ``socks_udp.py``); an answer with TC set is asked again over TCP (RFC 7766
@@ -27,6 +30,7 @@ import secrets
 import socket
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
@@ -41,6 +45,9 @@ Exchange = Callable[[bytes], Awaitable[bytes]]
 TCP_IDLE_TIMEOUT = 30.0  # seconds an idle upstream connection is kept (RFC 7766 section 6.2.3)
 MAX_UDP_ANSWER = 65535
 MAX_DESTINATIONS = 16
+# How many connections one query may try when servers close them under it (each of which had
+# answered others, or was closing before the query was sent); the caller's timeout bounds it too.
+MAX_RESENDS = 8
 
 
 class UpstreamError(Exception):
@@ -55,14 +62,36 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
-class _DnsStream(asyncio.Protocol):
-    """One TCP connection to an upstream: length-prefixed messages, answers matched by ID."""
+@dataclass
+class TcpCounters:
+    """What happened to an upstream's TCP connections (``DnsForwarder.stats``)."""
 
-    def __init__(self, idle_timeout: float) -> None:
+    server_closes: int = 0  # connections the server ended (EOF or reset) while we used them
+    reconnects: int = 0  # connections opened again after such a close
+
+    def add(self, other: TcpCounters) -> None:
+        self.server_closes += other.server_closes
+        self.reconnects += other.reconnects
+
+
+class StreamClosed(ConnectionResetError):
+    """The query was not sent: the connection was already closed or closing."""
+
+
+class _DnsStream(asyncio.Protocol):
+    """One TCP connection to an upstream: length-prefixed messages, answers matched by ID.
+
+    ``on_server_close`` is called once if the server ends the connection (EOF, reset, or a
+    write failing), not when we close it (idle, shutdown).
+    """
+
+    def __init__(self, idle_timeout: float, on_server_close: Callable[[], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.answered = 0
+        self._on_server_close = on_server_close
+        self._closing_ourselves = False
         self._buffer = bytearray()
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._idle_timeout = idle_timeout
@@ -91,10 +120,12 @@ class _DnsStream(asyncio.Protocol):
             self._arm_idle_timer()
 
     def eof_received(self) -> bool:
+        self._server_closed()
         return False  # the server is done with us: close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        if not self._closing_ourselves:
+            self._server_closed()
         self.transport = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -104,22 +135,39 @@ class _DnsStream(asyncio.Protocol):
                 waiter.set_exception(ConnectionResetError(reason))
         self._waiters.clear()
 
+    def usable(self) -> bool:
+        """Whether queries may be written here. A write that failed (the server reset the
+        connection) closes the transport before ``connection_lost`` tells us: that is the
+        server's close too."""
+        if not self.closed and (self.transport is None or self.transport.is_closing()):
+            self._server_closed()
+        return not self.closed
+
+    def _server_closed(self) -> None:
+        if not self.closed:
+            self.closed = True  # from now on nothing is written here
+            self._on_server_close()
+
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._idle_timer = self.loop.call_later(self._idle_timeout, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
-        if not self._waiters and self.transport is not None:
-            self.transport.close()
+        if not self._waiters:
+            self.close()
 
     def close(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:
+            self._closing_ourselves = True
+            self.closed = True
             self.transport.close()
 
     async def exchange(self, request: bytes) -> bytes:
-        if self.closed or self.transport is None:
-            raise ConnectionResetError("connection closed")
+        # A closing transport drops what is written to it (and asyncio logs "socket.send()
+        # raised exception" for each write after a few): never write there.
+        if not self.usable() or self.transport is None:
+            raise StreamClosed("connection closed")
         message_id = _unused_id(self._waiters)
         waiter: asyncio.Future[bytes] = self.loop.create_future()
         self._waiters[message_id] = waiter
@@ -149,24 +197,34 @@ class TcpUpstream:
         self, label: str, connect: Connect, *, idle_timeout: float = TCP_IDLE_TIMEOUT
     ) -> None:
         self.label = label
+        self.counters = TcpCounters()
         self._connect = connect
         self._idle_timeout = idle_timeout
         self._stream: _DnsStream | None = None
         self._opening = SingleFlight(self._open)
+        self._reopen_after_close = False
 
     async def query(self, request: bytes) -> bytes:
-        stream = await self._current()
-        try:
-            return await stream.exchange(request)
-        except ConnectionResetError:
-            if stream.answered == 0:
-                raise
-        # The server closed a connection that had served us: ask once more on a new one.
-        stream = await self._current()
-        return await stream.exchange(request)
+        tries = 0
+        while True:
+            tries += 1
+            stream = await self._current()
+            try:
+                return await stream.exchange(request)
+            except StreamClosed:
+                # Not sent: the connection closed just before. Try the next one, but not
+                # forever if the server closes each new connection at once.
+                if tries > MAX_RESENDS:
+                    raise
+            except ConnectionResetError:
+                # Sent, and the server closed without answering it. Send it again on a new
+                # connection if this one served others (the server's own limit, RFC 7766
+                # section 6.2.3); if it served nothing, the server is not answering.
+                if stream.answered == 0 or tries > MAX_RESENDS:
+                    raise
 
     async def _current(self) -> _DnsStream:
-        if self._stream is not None and not self._stream.closed:
+        if self._stream is not None and self._stream.usable():
             return self._stream
         return await self._opening.get()
 
@@ -175,13 +233,21 @@ class TcpUpstream:
         loop = asyncio.get_running_loop()
         try:
             _, stream = await loop.create_connection(
-                lambda: _DnsStream(self._idle_timeout), sock=sock
+                lambda: _DnsStream(self._idle_timeout, self._server_closed), sock=sock
             )
         except BaseException:
             sock.close()
             raise
+        if self._reopen_after_close:
+            self._reopen_after_close = False
+            self.counters.reconnects += 1
         self._stream = stream
         return stream
+
+    def _server_closed(self) -> None:
+        self.counters.server_closes += 1
+        self._reopen_after_close = True
+        log.debug("dns upstream %s: the server closed the connection", self.label)
 
     async def close(self) -> None:
         await self._opening.cancel()
@@ -227,6 +293,10 @@ class UdpUpstream:
                 self.tcp_retries += 1  # TC: the answer did not fit in a datagram
         return await self._tcp.query(request)
 
+    @property
+    def tcp(self) -> TcpUpstream:
+        return self._tcp
+
     async def close(self) -> None:
         if self._close_exchange is not None:
             await self._close_exchange()
@@ -264,6 +334,7 @@ class DestinationUpstreams:
         self._size = size
         self._upstreams: OrderedDict[IPAddress, TcpUpstream] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
+        self._evicted_counters = TcpCounters()  # of the upstreams no longer kept
 
     def for_destination(self, address: IPAddress) -> TcpUpstream:
         upstream = self._upstreams.get(address)
@@ -271,11 +342,19 @@ class DestinationUpstreams:
             upstream = self._upstreams[address] = self._make(address)
             while len(self._upstreams) > self._size:
                 _, evicted = self._upstreams.popitem(last=False)
+                self._evicted_counters.add(evicted.counters)
                 task = asyncio.get_running_loop().create_task(evicted.close())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
         self._upstreams.move_to_end(address)
         return upstream
+
+    def counters(self) -> TcpCounters:
+        total = TcpCounters()
+        total.add(self._evicted_counters)
+        for upstream in self._upstreams.values():
+            total.add(upstream.counters)
+        return total
 
     async def close(self) -> None:
         for upstream in self._upstreams.values():
