@@ -13,7 +13,10 @@ which the forwarder checks against the question, not the ID. A failure raises (`
   6.2.3; dnsmasq does after 100 queries): from its EOF or reset on, nothing more is written to
   that connection, and the queries it left unanswered are sent again on one new connection
   (counted: ``TcpCounters``), as long as the closed one had answered something (a server that
-  answers nothing at all is a failure, not a reason to loop).
+  answers nothing at all is a failure, not a reason to loop). A server that closed with queries
+  unanswered after answering N has shown its limit: from then on a connection gets at most N
+  queries, and the next ones go to a new connection opened meanwhile, so that queries are not
+  written into a connection that will drop them.
 - ``UdpUpstream``: a query over UDP by an ``exchange`` callable (a fresh plain socket per query
   for ``direct://``: a random source port and ID resist spoofing; a SOCKS5 UDP association for
   ``udp://``, see ``socks_udp.py``); an answer with TC set is asked again over TCP (RFC 7766
@@ -48,6 +51,7 @@ MAX_DESTINATIONS = 16
 # How many connections one query may try when servers close them under it (each of which had
 # answered others, or was closing before the query was sent); the caller's timeout bounds it too.
 MAX_RESENDS = 8
+RETIRE_GRACE = 1.0  # seconds a connection that got its last query waits for the server's close
 
 
 class UpstreamError(Exception):
@@ -67,7 +71,7 @@ class TcpCounters:
     """What happened to an upstream's TCP connections (``DnsForwarder.stats``)."""
 
     server_closes: int = 0  # connections the server ended (EOF or reset) while we used them
-    reconnects: int = 0  # connections opened again after such a close
+    reconnects: int = 0  # connections opened to replace one the server ended or would end
 
     def add(self, other: TcpCounters) -> None:
         self.server_closes += other.server_closes
@@ -85,11 +89,14 @@ class _DnsStream(asyncio.Protocol):
     write failing), not when we close it (idle, shutdown).
     """
 
-    def __init__(self, idle_timeout: float, on_server_close: Callable[[], None]) -> None:
+    def __init__(self, idle_timeout: float, on_server_close: Callable[[_DnsStream], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.closed_by_server = False
+        self.sent = 0
         self.answered = 0
+        self.retired = False  # gets no more queries: closed once they are answered
         self._on_server_close = on_server_close
         self._closing_ourselves = False
         self._buffer = bytearray()
@@ -145,13 +152,21 @@ class _DnsStream(asyncio.Protocol):
 
     def _server_closed(self) -> None:
         if not self.closed:
-            self.closed = True  # from now on nothing is written here
-            self._on_server_close()
+            self.closed = self.closed_by_server = True  # from now on nothing is written here
+            self._on_server_close(self)
+
+    def retire(self) -> None:
+        """No more queries here; close after the last answer, if the server does not first."""
+        if not self.retired:
+            self.retired = True
+            if not self._waiters and not self.closed:
+                self._arm_idle_timer()
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._idle_timer = self.loop.call_later(self._idle_timeout, self._close_if_idle)
+        timeout = RETIRE_GRACE if self.retired else self._idle_timeout
+        self._idle_timer = self.loop.call_later(timeout, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
         if not self._waiters:
@@ -176,6 +191,7 @@ class _DnsStream(asyncio.Protocol):
             self._idle_timer = None
         wire = message_id.to_bytes(2, "big") + request[2:]
         self.transport.write(len(wire).to_bytes(2, "big") + wire)
+        self.sent += 1
         try:
             return await waiter
         finally:
@@ -202,31 +218,39 @@ class TcpUpstream:
         self._idle_timeout = idle_timeout
         self._stream: _DnsStream | None = None
         self._opening = SingleFlight(self._open)
-        self._reopen_after_close = False
+        self._per_connection: int | None = None  # the server's limit, once it showed one
 
     async def query(self, request: bytes) -> bytes:
         tries = 0
         while True:
-            tries += 1
             stream = await self._current()
             try:
                 return await stream.exchange(request)
-            except StreamClosed:
-                # Not sent: the connection closed just before. Try the next one, but not
-                # forever if the server closes each new connection at once.
-                if tries > MAX_RESENDS:
-                    raise
             except ConnectionResetError:
-                # Sent, and the server closed without answering it. Send it again on a new
-                # connection if this one served others (the server's own limit, RFC 7766
-                # section 6.2.3); if it served nothing, the server is not answering.
+                # The server closed without answering it. Send it again on a new connection
+                # if this one served others (the server's own limit, RFC 7766 section 6.2.3);
+                # if it served nothing, the server is not answering.
+                tries += 1
                 if stream.answered == 0 or tries > MAX_RESENDS:
                     raise
 
+    def _full(self, stream: _DnsStream) -> bool:
+        return self._per_connection is not None and stream.sent >= self._per_connection
+
     async def _current(self) -> _DnsStream:
-        if self._stream is not None and self._stream.usable():
-            return self._stream
-        return await self._opening.get()
+        """A connection that takes one more query: the current one, or a new one."""
+        closed_at_once = 0
+        while True:
+            stream = self._stream
+            if stream is not None and stream.usable():
+                if not self._full(stream):
+                    return stream
+                stream.retire()
+            fresh = await self._opening.get()  # one opening, however many queries wait
+            if not fresh.usable():
+                closed_at_once += 1
+                if closed_at_once > MAX_RESENDS:
+                    raise ConnectionResetError("the server closes every new connection")
 
     async def _open(self) -> _DnsStream:
         sock = await self._connect()
@@ -238,16 +262,22 @@ class TcpUpstream:
         except BaseException:
             sock.close()
             raise
-        if self._reopen_after_close:
-            self._reopen_after_close = False
+        previous = self._stream
+        if previous is not None and (previous.closed_by_server or self._full(previous)):
             self.counters.reconnects += 1
         self._stream = stream
         return stream
 
-    def _server_closed(self) -> None:
+    def _server_closed(self, stream: _DnsStream) -> None:
         self.counters.server_closes += 1
-        self._reopen_after_close = True
-        log.debug("dns upstream %s: the server closed the connection", self.label)
+        if 0 < stream.answered < stream.sent:
+            # It closed with queries unanswered: its limit per connection.
+            self._per_connection = max(self._per_connection or 0, stream.answered)
+        log.debug(
+            "dns upstream %s: the server closed the connection after %d answers",
+            self.label,
+            stream.answered,
+        )
 
     async def close(self) -> None:
         await self._opening.cancel()
