@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import socket
 from collections import OrderedDict
@@ -85,11 +86,11 @@ class StreamClosed(ConnectionResetError):
 class _DnsStream(asyncio.Protocol):
     """One TCP connection to an upstream: length-prefixed messages, answers matched by ID.
 
-    ``on_server_close`` is called once if the server ends the connection (EOF, reset, or a
-    write failing), not when we close it (idle, shutdown).
+    ``on_close`` is called once when it closes: ``closed_by_server`` tells whether the server
+    ended it (EOF, reset, or a write failing) or we did (idle, retired, shutdown).
     """
 
-    def __init__(self, idle_timeout: float, on_server_close: Callable[[_DnsStream], None]) -> None:
+    def __init__(self, idle_timeout: float, on_close: Callable[[_DnsStream], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -97,8 +98,8 @@ class _DnsStream(asyncio.Protocol):
         self.sent = 0
         self.answered = 0
         self.retired = False  # gets no more queries: closed once they are answered
-        self._on_server_close = on_server_close
-        self._closing_ourselves = False
+        self.replaced = False  # a newer connection took over
+        self._on_close = on_close
         self._buffer = bytearray()
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._idle_timeout = idle_timeout
@@ -131,8 +132,9 @@ class _DnsStream(asyncio.Protocol):
         return False  # the server is done with us: close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._closing_ourselves:
-            self._server_closed()
+        if exc is not None and self._waiters and self.transport is not None:
+            self._salvage(self.transport)
+        self._server_closed()  # unless we closed it first
         self.transport = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -141,6 +143,25 @@ class _DnsStream(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_exception(ConnectionResetError(reason))
         self._waiters.clear()
+
+    def _salvage(self, transport: asyncio.Transport) -> None:
+        """Read the answers that arrived before the connection failed.
+
+        A server at its limit answers, then closes with our next queries unread, and the reset
+        that follows makes our next write fail; asyncio then drops the connection without
+        reading what the kernel still holds for us (the socket is closed after this call)."""
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        fd = sock.fileno()
+        for _ in range(64):  # bounded: at most 4 MiB
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.data_received(data)
 
     def usable(self) -> bool:
         """Whether queries may be written here. A write that failed (the server reset the
@@ -153,7 +174,7 @@ class _DnsStream(asyncio.Protocol):
     def _server_closed(self) -> None:
         if not self.closed:
             self.closed = self.closed_by_server = True  # from now on nothing is written here
-            self._on_server_close(self)
+            self._on_close(self)
 
     def retire(self) -> None:
         """No more queries here; close after the last answer, if the server does not first."""
@@ -174,9 +195,9 @@ class _DnsStream(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self._closing_ourselves = True
             self.closed = True
             self.transport.close()
+            self._on_close(self)
 
     async def exchange(self, request: bytes) -> bytes:
         # A closing transport drops what is written to it (and asyncio logs "socket.send()
@@ -219,6 +240,8 @@ class TcpUpstream:
         self._stream: _DnsStream | None = None
         self._opening = SingleFlight(self._open)
         self._per_connection: int | None = None  # the server's limit, once it showed one
+        self._below_limit = 0  # the most queries a connection carried that the server kept open
+        self._reconnect_due = False  # the server closed the current connection
 
     async def query(self, request: bytes) -> bytes:
         tries = 0
@@ -257,27 +280,41 @@ class TcpUpstream:
         loop = asyncio.get_running_loop()
         try:
             _, stream = await loop.create_connection(
-                lambda: _DnsStream(self._idle_timeout, self._server_closed), sock=sock
+                lambda: _DnsStream(self._idle_timeout, self._stream_closed), sock=sock
             )
         except BaseException:
             sock.close()
             raise
-        previous = self._stream
-        if previous is not None and (previous.closed_by_server or self._full(previous)):
+        if self._stream is not None:
+            self._stream.replaced = True
+        if self._reconnect_due:
+            self._reconnect_due = False
             self.counters.reconnects += 1
         self._stream = stream
         return stream
 
-    def _server_closed(self, stream: _DnsStream) -> None:
-        self.counters.server_closes += 1
-        if 0 < stream.answered < stream.sent:
-            # It closed with queries unanswered: its limit per connection.
-            self._per_connection = max(self._per_connection or 0, stream.answered)
-        log.debug(
-            "dns upstream %s: the server closed the connection after %d answers",
-            self.label,
-            stream.answered,
-        )
+    def _stream_closed(self, stream: _DnsStream) -> None:
+        limit = self._per_connection
+        if stream.closed_by_server:
+            self.counters.server_closes += 1
+            if stream.replaced:  # its successor was opened when it reached the limit
+                self.counters.reconnects += 1
+            else:
+                self._reconnect_due = True  # the next opening replaces it
+            if 0 < stream.answered < stream.sent:
+                # It closed with queries unanswered: its limit per connection (or less, if
+                # the proxy dropped answers when the server reset the connection).
+                self._per_connection = max(stream.answered, self._below_limit + 1)
+            log.debug(
+                "dns upstream %s: the server closed the connection after %d answers",
+                self.label,
+                stream.answered,
+            )
+        elif stream.retired and limit is not None:
+            # It got its last query and all answers, and the server did not close it: the
+            # server's limit is higher than we thought.
+            self._below_limit = max(self._below_limit, stream.sent)
+            self._per_connection = limit + max(1, limit // 4)
 
     async def close(self) -> None:
         await self._opening.cancel()
