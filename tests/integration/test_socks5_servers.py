@@ -17,6 +17,7 @@ import pytest
 from httpserver import SMALL_BODY
 
 pytestmark = pytest.mark.integration
+pytest.importorskip("socks", reason="PySocks is in the test extra: pip install -e '.[test]'")
 
 CLIENT = Path(__file__).resolve().parent / "pysocks_get.py"
 PROXY = bedlib.SRV_VETH_IP
