@@ -10,7 +10,10 @@
 # curl in the client fetches the page; tun2socks has pointed every route into its TUN, so the
 # connection goes through the SOCKS5 server (the web server sees the proxy's address), while
 # the proxy connection itself keeps the original path. Then tun2socks stops and everything it
-# changed is gone. Needs root, iproute2, curl, Dante (Debian: dante-server) and python3.
+# changed is gone. Needs root, iproute2, curl, Dante (Debian: dante-server), python3 (for the
+# web server) and tun2socks itself: the one the README's set-up command installed, found on
+# PATH, or any other with TUN2SOCKS=/path/to/tun2socks. All of that is checked before anything
+# is created.
 #
 #   sudo examples/netns-demo.sh          (DEMO_ID=NAME to choose the namespace suffix)
 set -euo pipefail
@@ -21,10 +24,33 @@ SRV="t2sdemo-s-$ID"
 TUN="t2sdemo0"
 PROXY_IP=10.200.0.2
 WEB_IP=10.201.0.80
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/t2sdemo.XXXXXX")"
 T2S_PID=""
+
+# --- prerequisites, all checked before anything is created; what is missing goes in one line
+PATH="$PATH:/usr/sbin:/sbin"  # root's PATH under `su` lacks them; danted and ip live there
+program() {  # its path, if it is an executable on PATH (bash may return one that is not)
+  local found
+  found="$(command -v "$1")" && [[ -x "$found" ]] && echo "$found"
+}
+problems=()
+[[ $EUID -eq 0 ]] || problems+=("root (network namespaces; run it with sudo)")
+for need in ip:iproute2 ss:iproute2 curl:curl danted:dante-server python3:python3; do
+  program "${need%%:*}" >/dev/null || problems+=("${need%%:*} (Debian package ${need#*:})")
+done
+T2S="${TUN2SOCKS:-$(program tun2socks || true)}"
+if [[ -z "$T2S" ]]; then
+  problems+=("tun2socks (install it with the README's set-up command, or set TUN2SOCKS=/path/to/tun2socks)")
+elif ! T2S_VERSION="$("$T2S" --version 2>&1)"; then
+  problems+=("a working tun2socks ('$T2S --version' failed: $(tail -n 1 <<<"$T2S_VERSION"); run the README's set-up command, or set TUN2SOCKS)")
+fi
+if ((${#problems[@]})); then
+  line=""
+  for problem in "${problems[@]}"; do line+="${line:+; }$problem"; done
+  echo "netns-demo.sh: missing: $line" >&2
+  exit 1
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/t2sdemo.XXXXXX")"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -56,12 +82,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-if [[ $EUID -ne 0 ]]; then echo "run as root (network namespaces)" >&2; exit 1; fi
-DANTED="$(PATH="$PATH:/usr/sbin:/sbin" command -v danted || true)"
-for cmd in ip curl "$PYTHON"; do
-  command -v "$cmd" >/dev/null || { echo "missing: $cmd" >&2; exit 1; }
-done
-[[ -n "$DANTED" ]] || { echo "missing: danted (Debian package dante-server)" >&2; exit 1; }
+say "tun2socks: $T2S ($T2S_VERSION)"
 
 say "namespaces $CLI (client) and $SRV (server), joined by a veth pair"
 for ns in "$CLI" "$SRV"; do
@@ -81,7 +102,7 @@ ip -n "$SRV" addr add "$WEB_IP/32" dev lo
 say "server: web server on $WEB_IP:8000, Dante SOCKS5 server on $PROXY_IP:1080"
 mkdir -p "$WORK/www"
 echo "Hello through tun2socks!" > "$WORK/www/index.html"
-ip netns exec "$SRV" "$PYTHON" -m http.server --bind "$WEB_IP" --directory "$WORK/www" 8000 \
+ip netns exec "$SRV" python3 -m http.server --bind "$WEB_IP" --directory "$WORK/www" 8000 \
   > "$WORK/web.log" 2>&1 &
 cat > "$WORK/danted.conf" <<EOF
 logoutput: $WORK/danted.log
@@ -95,7 +116,7 @@ client pass { from: 10.200.0.0/24 to: 0/0 }
 socks pass { from: 0/0 to: 10.201.0.0/24 command: connect }
 socks block { from: 0/0 to: 0/0 log: connect error }
 EOF
-ip netns exec "$SRV" "$DANTED" -f "$WORK/danted.conf" -p "$WORK/danted.pid" -N 1 \
+ip netns exec "$SRV" danted -f "$WORK/danted.conf" -p "$WORK/danted.pid" -N 1 \
   > "$WORK/danted.out" 2>&1 &
 listening() { ip netns exec "$SRV" ss -Hltn | grep -c -e "$PROXY_IP:1080 " -e "$WEB_IP:8000 "; }
 for _ in $(seq 100); do [[ $(listening) -ge 2 ]] && break; sleep 0.1; done
@@ -109,8 +130,7 @@ route: {auto: true, state_dir: $WORK/state}
 log: {level: debug}
 EOF
 cat "$WORK/tun2socks.yaml"
-ip netns exec "$CLI" env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
-  "$PYTHON" -m tun2socks run -c "$WORK/tun2socks.yaml" > "$WORK/tun2socks.log" 2>&1 &
+ip netns exec "$CLI" "$T2S" run -c "$WORK/tun2socks.yaml" > "$WORK/tun2socks.log" 2>&1 &
 T2S_PID=$!
 for _ in $(seq 200); do
   grep -q "tun2socks running" "$WORK/tun2socks.log" && break

@@ -46,7 +46,14 @@ from .message import (
 )
 from .resolver import Answer, Ask, Refuse, Resolver
 from .selection import Outcome, Race, UpstreamHealth
-from .upstreams import DestinationUpstreams, UdpUpstream, Upstream, UpstreamError
+from .upstreams import (
+    DestinationUpstreams,
+    TcpCounters,
+    TcpUpstream,
+    UdpUpstream,
+    Upstream,
+    UpstreamError,
+)
 
 log = logging.getLogger("tun2socks.dns")
 
@@ -125,6 +132,9 @@ class DnsForwarder:
         counters["tcp_retries"] = sum(
             u.tcp_retries for u in self.upstreams if isinstance(u, UdpUpstream)
         )
+        tcp = self._tcp_counters()
+        counters["tcp_server_closes"] = tcp.server_closes
+        counters["tcp_reconnects"] = tcp.reconnects
         for name in ("queries", "cache_hits", "cache_misses", "upstream_failures", "servfail"):
             counters.setdefault(name, 0)
         for name in ("formerr", "dropped"):
@@ -133,6 +143,17 @@ class DnsForwarder:
         counters["cache_entries"] = len(self.resolver.cache)
         counters["fake_mappings"] = sum(len(p) for p in self.resolver.fake_pools.values())
         return dict(counters)
+
+    def _tcp_counters(self) -> TcpCounters:
+        total = TcpCounters()
+        if self.destinations is not None:
+            total.add(self.destinations.counters())
+        for upstream in self.upstreams:
+            if isinstance(upstream, UdpUpstream):
+                upstream = upstream.tcp
+            if isinstance(upstream, TcpUpstream):
+                total.add(upstream.counters)
+        return total
 
     # ---------------------------------------------------------------- UDP
 

@@ -9,8 +9,14 @@ which the forwarder checks against the question, not the ID. A failure raises (`
 - ``TcpUpstream``: RFC 7766. One connection, opened on demand by a ``connect`` callable (through
   the SOCKS5 proxy, or a plain socket), kept while queries flow and closed after
   ``idle_timeout``; queries are pipelined on it and matched to answers by ID, so answers may
-  come back in any order. A reused connection that the server closed meanwhile (it may, RFC
-  7766 section 6.2.3) costs one retry on a new one.
+  come back in any order. A server may close a connection whenever it likes (RFC 7766 section
+  6.2.3; dnsmasq does after 100 queries): from its EOF or reset on, nothing more is written to
+  that connection, and the queries it left unanswered are sent again on one new connection
+  (counted: ``TcpCounters``), as long as the closed one had answered something (a server that
+  answers nothing at all is a failure, not a reason to loop). A server that closed with queries
+  unanswered after answering N has shown its limit: from then on a connection gets at most N
+  queries, and the next ones go to a new connection opened meanwhile, so that queries are not
+  written into a connection that will drop them.
 - ``UdpUpstream``: a query over UDP by an ``exchange`` callable (a fresh plain socket per query
   for ``direct://``: a random source port and ID resist spoofing; a SOCKS5 UDP association for
   ``udp://``, see ``socks_udp.py``); an answer with TC set is asked again over TCP (RFC 7766
@@ -23,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import socket
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
@@ -41,6 +49,10 @@ Exchange = Callable[[bytes], Awaitable[bytes]]
 TCP_IDLE_TIMEOUT = 30.0  # seconds an idle upstream connection is kept (RFC 7766 section 6.2.3)
 MAX_UDP_ANSWER = 65535
 MAX_DESTINATIONS = 16
+# How many connections one query may try when servers close them under it (each of which had
+# answered others, or was closing before the query was sent); the caller's timeout bounds it too.
+MAX_RESENDS = 8
+RETIRE_GRACE = 1.0  # seconds a connection that got its last query waits for the server's close
 
 
 class UpstreamError(Exception):
@@ -55,14 +67,39 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
-class _DnsStream(asyncio.Protocol):
-    """One TCP connection to an upstream: length-prefixed messages, answers matched by ID."""
+@dataclass
+class TcpCounters:
+    """What happened to an upstream's TCP connections (``DnsForwarder.stats``)."""
 
-    def __init__(self, idle_timeout: float) -> None:
+    server_closes: int = 0  # connections the server ended (EOF or reset) while we used them
+    reconnects: int = 0  # connections opened to replace one the server ended or would end
+
+    def add(self, other: TcpCounters) -> None:
+        self.server_closes += other.server_closes
+        self.reconnects += other.reconnects
+
+
+class StreamClosed(ConnectionResetError):
+    """The query was not sent: the connection was already closed or closing."""
+
+
+class _DnsStream(asyncio.Protocol):
+    """One TCP connection to an upstream: length-prefixed messages, answers matched by ID.
+
+    ``on_close`` is called once when it closes: ``closed_by_server`` tells whether the server
+    ended it (EOF, reset, or a write failing) or we did (idle, retired, shutdown).
+    """
+
+    def __init__(self, idle_timeout: float, on_close: Callable[[_DnsStream], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.closed_by_server = False
+        self.sent = 0
         self.answered = 0
+        self.retired = False  # gets no more queries: closed once they are answered
+        self.replaced = False  # a newer connection took over
+        self._on_close = on_close
         self._buffer = bytearray()
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._idle_timeout = idle_timeout
@@ -91,10 +128,13 @@ class _DnsStream(asyncio.Protocol):
             self._arm_idle_timer()
 
     def eof_received(self) -> bool:
+        self._server_closed()
         return False  # the server is done with us: close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        if exc is not None and self._waiters and self.transport is not None:
+            self._salvage(self.transport)
+        self._server_closed()  # unless we closed it first
         self.transport = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -104,22 +144,66 @@ class _DnsStream(asyncio.Protocol):
                 waiter.set_exception(ConnectionResetError(reason))
         self._waiters.clear()
 
+    def _salvage(self, transport: asyncio.Transport) -> None:
+        """Read the answers that arrived before the connection failed.
+
+        A server at its limit answers, then closes with our next queries unread, and the reset
+        that follows makes our next write fail; asyncio then drops the connection without
+        reading what the kernel still holds for us (the socket is closed after this call)."""
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        fd = sock.fileno()
+        for _ in range(64):  # bounded: at most 4 MiB
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.data_received(data)
+
+    def usable(self) -> bool:
+        """Whether queries may be written here. A write that failed (the server reset the
+        connection) closes the transport before ``connection_lost`` tells us: that is the
+        server's close too."""
+        if not self.closed and (self.transport is None or self.transport.is_closing()):
+            self._server_closed()
+        return not self.closed
+
+    def _server_closed(self) -> None:
+        if not self.closed:
+            self.closed = self.closed_by_server = True  # from now on nothing is written here
+            self._on_close(self)
+
+    def retire(self) -> None:
+        """No more queries here; close after the last answer, if the server does not first."""
+        if not self.retired:
+            self.retired = True
+            if not self._waiters and not self.closed:
+                self._arm_idle_timer()
+
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._idle_timer = self.loop.call_later(self._idle_timeout, self._close_if_idle)
+        timeout = RETIRE_GRACE if self.retired else self._idle_timeout
+        self._idle_timer = self.loop.call_later(timeout, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
-        if not self._waiters and self.transport is not None:
-            self.transport.close()
+        if not self._waiters:
+            self.close()
 
     def close(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
             self.transport.close()
+            self._on_close(self)
 
     async def exchange(self, request: bytes) -> bytes:
-        if self.closed or self.transport is None:
-            raise ConnectionResetError("connection closed")
+        # A closing transport drops what is written to it (and asyncio logs "socket.send()
+        # raised exception" for each write after a few): never write there.
+        if not self.usable() or self.transport is None:
+            raise StreamClosed("connection closed")
         message_id = _unused_id(self._waiters)
         waiter: asyncio.Future[bytes] = self.loop.create_future()
         self._waiters[message_id] = waiter
@@ -128,6 +212,7 @@ class _DnsStream(asyncio.Protocol):
             self._idle_timer = None
         wire = message_id.to_bytes(2, "big") + request[2:]
         self.transport.write(len(wire).to_bytes(2, "big") + wire)
+        self.sent += 1
         try:
             return await waiter
         finally:
@@ -149,39 +234,87 @@ class TcpUpstream:
         self, label: str, connect: Connect, *, idle_timeout: float = TCP_IDLE_TIMEOUT
     ) -> None:
         self.label = label
+        self.counters = TcpCounters()
         self._connect = connect
         self._idle_timeout = idle_timeout
         self._stream: _DnsStream | None = None
         self._opening = SingleFlight(self._open)
+        self._per_connection: int | None = None  # the server's limit, once it showed one
+        self._below_limit = 0  # the most queries a connection carried that the server kept open
+        self._reconnect_due = False  # the server closed the current connection
 
     async def query(self, request: bytes) -> bytes:
-        stream = await self._current()
-        try:
-            return await stream.exchange(request)
-        except ConnectionResetError:
-            if stream.answered == 0:
-                raise
-        # The server closed a connection that had served us: ask once more on a new one.
-        stream = await self._current()
-        return await stream.exchange(request)
+        tries = 0
+        while True:
+            stream = await self._current()
+            try:
+                return await stream.exchange(request)
+            except ConnectionResetError:
+                # The server closed without answering it. Send it again on a new connection
+                # if this one served others (the server's own limit, RFC 7766 section 6.2.3);
+                # if it served nothing, the server is not answering.
+                tries += 1
+                if stream.answered == 0 or tries > MAX_RESENDS:
+                    raise
+
+    def _full(self, stream: _DnsStream) -> bool:
+        return self._per_connection is not None and stream.sent >= self._per_connection
 
     async def _current(self) -> _DnsStream:
-        if self._stream is not None and not self._stream.closed:
-            return self._stream
-        return await self._opening.get()
+        """A connection that takes one more query: the current one, or a new one."""
+        closed_at_once = 0
+        while True:
+            stream = self._stream
+            if stream is not None and stream.usable():
+                if not self._full(stream):
+                    return stream
+                stream.retire()
+            fresh = await self._opening.get()  # one opening, however many queries wait
+            if not fresh.usable():
+                closed_at_once += 1
+                if closed_at_once > MAX_RESENDS:
+                    raise ConnectionResetError("the server closes every new connection")
 
     async def _open(self) -> _DnsStream:
         sock = await self._connect()
         loop = asyncio.get_running_loop()
         try:
             _, stream = await loop.create_connection(
-                lambda: _DnsStream(self._idle_timeout), sock=sock
+                lambda: _DnsStream(self._idle_timeout, self._stream_closed), sock=sock
             )
         except BaseException:
             sock.close()
             raise
+        if self._stream is not None:
+            self._stream.replaced = True
+        if self._reconnect_due:
+            self._reconnect_due = False
+            self.counters.reconnects += 1
         self._stream = stream
         return stream
+
+    def _stream_closed(self, stream: _DnsStream) -> None:
+        limit = self._per_connection
+        if stream.closed_by_server:
+            self.counters.server_closes += 1
+            if stream.replaced:  # its successor was opened when it reached the limit
+                self.counters.reconnects += 1
+            else:
+                self._reconnect_due = True  # the next opening replaces it
+            if 0 < stream.answered < stream.sent:
+                # It closed with queries unanswered: its limit per connection (or less, if
+                # the proxy dropped answers when the server reset the connection).
+                self._per_connection = max(stream.answered, self._below_limit + 1)
+            log.debug(
+                "dns upstream %s: the server closed the connection after %d answers",
+                self.label,
+                stream.answered,
+            )
+        elif stream.retired and limit is not None:
+            # It got its last query and all answers, and the server did not close it: the
+            # server's limit is higher than we thought.
+            self._below_limit = max(self._below_limit, stream.sent)
+            self._per_connection = limit + max(1, limit // 4)
 
     async def close(self) -> None:
         await self._opening.cancel()
@@ -227,6 +360,10 @@ class UdpUpstream:
                 self.tcp_retries += 1  # TC: the answer did not fit in a datagram
         return await self._tcp.query(request)
 
+    @property
+    def tcp(self) -> TcpUpstream:
+        return self._tcp
+
     async def close(self) -> None:
         if self._close_exchange is not None:
             await self._close_exchange()
@@ -264,6 +401,7 @@ class DestinationUpstreams:
         self._size = size
         self._upstreams: OrderedDict[IPAddress, TcpUpstream] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
+        self._evicted_counters = TcpCounters()  # of the upstreams no longer kept
 
     def for_destination(self, address: IPAddress) -> TcpUpstream:
         upstream = self._upstreams.get(address)
@@ -271,11 +409,19 @@ class DestinationUpstreams:
             upstream = self._upstreams[address] = self._make(address)
             while len(self._upstreams) > self._size:
                 _, evicted = self._upstreams.popitem(last=False)
+                self._evicted_counters.add(evicted.counters)
                 task = asyncio.get_running_loop().create_task(evicted.close())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
         self._upstreams.move_to_end(address)
         return upstream
+
+    def counters(self) -> TcpCounters:
+        total = TcpCounters()
+        total.add(self._evicted_counters)
+        for upstream in self._upstreams.values():
+            total.add(upstream.counters)
+        return total
 
     async def close(self) -> None:
         for upstream in self._upstreams.values():

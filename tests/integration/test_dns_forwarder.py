@@ -46,6 +46,8 @@ class DnsServer:
         self.big = False  # TXT answers too big for UDP: truncated there
         self.queries: list[tuple[str, str]] = []  # (transport, name)
         self.hang_up_on: set[int] = set()  # TCP: close instead of answering query number N
+        self.close_after = 0  # TCP: close each connection after answering this many (as dnsmasq)
+        self.received: list[int] = []  # TCP: queries read on each connection, by connection
         self.connections = 0
         self.port = 0
         self._udp: asyncio.DatagramTransport | None = None
@@ -92,14 +94,19 @@ class DnsServer:
             if task is not None:
                 self._handlers.add(task)
             self._writers.append(writer)
+            answered = 0
+            index = len(self.received)
+            self.received.append(0)
             try:
-                while True:
+                while not self.close_after or answered < self.close_after:
                     size = int.from_bytes(await reader.readexactly(2), "big")
+                    self.received[index] += 1
                     reply = self.answer(await reader.readexactly(size), "tcp")
                     if len(self.queries) in self.hang_up_on:
                         break
                     if reply is not None:
                         writer.write(len(reply).to_bytes(2, "big") + reply)
+                        answered += 1
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
             writer.close()
@@ -262,6 +269,29 @@ def test_reused_tcp_connection_closed_by_the_server_costs_one_retry() -> None:
             assert server.connections == 2
             assert [name for _, name in server.queries] == ["a.test", "b.test", "b.test"]
             assert fwd.stats()["upstream_failures"] == 0
+        await server.aclose()
+
+    run(main)
+
+
+def test_queries_in_flight_when_the_server_closes_are_sent_again_rfc7766_section_6_2_3() -> None:
+    # dnsmasq's way: answer 100 queries on a connection, then close it with more unread (the
+    # kernel then resets it). 250 pipelined queries need three connections; none fails, and
+    # after the first close no connection gets more than the 100 the server showed it takes.
+    async def main() -> None:
+        server = await DnsServer().start()
+        server.close_after = 100
+        async with forwarder([server.tcp_upstream()]) as (fwd, client):
+            for i in range(250):
+                client.ask(fwd, f"n{i}.test", qid=i)
+            replies = [await client.reply() for _ in range(250)]
+            assert sorted(r.header.id for r in replies) == list(range(250))
+            assert all(r.header.rcode == RCODE.NOERROR for r in replies)
+            assert server.connections == 3
+            assert server.received[0] == 100 and server.received[1:] == [100, 50]
+            stats = fwd.stats()
+            assert stats["tcp_server_closes"] == stats["tcp_reconnects"] == 2
+            assert stats["upstream_failures"] == 0
         await server.aclose()
 
     run(main)
