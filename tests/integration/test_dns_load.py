@@ -14,9 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import bed as bedlib
-import dnsbed
 import pytest
+
+from tests.integration import bed as bedlib
+from tests.integration import dnsbed
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO / "test-artifacts" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-dnsload"

@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
-import bed as bedlib
 import pytest
-from httpserver import SMALL_BODY
+
+from tests.integration import bed as bedlib
+from tests.integration.httpserver import SMALL_BODY
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("socks", reason="PySocks is in the test extra: pip install -e '.[test]'")
 
-CLIENT = Path(__file__).resolve().parent / "pysocks_get.py"
 PROXY = bedlib.SRV_VETH_IP
 
 
@@ -32,7 +30,14 @@ def _pysocks_get(
     password: str | None = None,
     path: str = "/small",
 ) -> dict[str, Any]:
-    args = [sys.executable, str(CLIENT), PROXY, str(port), target, str(bedlib.HTTP_PORT), path]
+    args = [
+        *bedlib.helper_command("pysocks_get"),
+        PROXY,
+        str(port),
+        target,
+        str(bedlib.HTTP_PORT),
+        path,
+    ]
     if user is not None:
         args += ["--user", user]
     env = dict(os.environ, PYSOCKS_PASSWORD=password or "")

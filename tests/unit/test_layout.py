@@ -84,3 +84,36 @@ def test_line_count_counts_lines(tmp_path: Path) -> None:
     path = tmp_path / "f.py"
     path.write_text("a\n" * 601)
     assert line_count(path) == 601 > MAX_LINES
+
+
+def bare_sibling_imports(source: str, siblings: set[str]) -> list[int]:
+    """Lines that import a module of tests/ or bench/ by its bare name (`import bed`), which
+    works only with that folder on sys.path."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module.split(".")[0]]
+        else:
+            continue
+        if siblings.intersection(names):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_tests_and_bench_import_their_helpers_through_the_package() -> None:
+    files = [p for p in source_files("tests", "bench") if p.suffix == ".py"]
+    siblings = {p.stem for p in files if p.stem != "__init__"}
+    assert {"bed", "tcp_helpers", "httpserver"} <= siblings
+    offenders = {
+        str(p.relative_to(REPO)): lines
+        for p in files
+        if (lines := bare_sibling_imports(p.read_text(), siblings))
+    }
+    assert offenders == {}
+
+
+def test_bare_import_scanner_sees_each_form() -> None:
+    source = "import bed as bedlib\nfrom httpserver import X\nfrom tests.integration import bed\n"
+    assert bare_sibling_imports(source, {"bed", "httpserver"}) == [1, 2]
