@@ -167,22 +167,28 @@ def tun_flow_steps(flow: list[Segment], port: int) -> dict[str, float]:
 
 
 def flow_timelines(
-    tun: list[Segment] | None, proxy: list[Segment], target_port: int, proxy_port: int
+    tun: list[Segment] | None,
+    proxy: list[Segment],
+    target_port: int,
+    proxy_port: int,
+    window: tuple[float, float] = (0.0, float("inf")),
 ) -> list[dict[str, float]]:
     """Per connection, each step's time in ms after its first one. `tun` None: the ceiling
     (clients speak SOCKS5 themselves: the proxy's side is all there is). A TUN flow is paired
-    with the first proxy connection not yet taken whose CONNECT went out after its SYN in."""
+    with the first proxy connection not yet taken whose CONNECT went out after its SYN in.
+    Only connections that start (SYN in; for the ceiling CONNECT sent) within `window` count;
+    their proxy sessions are read whole, even when opened before it (a pool's)."""
     proxy_flows = [proxy_flow_steps(f, proxy_port) for f in _connections(proxy, proxy_port)]
     proxy_flows = [p for p in proxy_flows if "CONNECT sent" in p]
     merged: list[dict[str, float]] = []
     if tun is None:
-        merged = proxy_flows
+        merged = [p for p in proxy_flows if window[0] <= p["CONNECT sent"] <= window[1]]
     else:
         free = sorted(proxy_flows, key=lambda p: p["CONNECT sent"])
         for flow in _connections(tun, target_port):
             steps = tun_flow_steps(flow, target_port)
             syn = steps.get("SYN in (TUN)")
-            if syn is None:
+            if syn is None or not window[0] <= syn <= window[1]:
                 continue
             match = next((p for p in free if p["CONNECT sent"] >= syn), None)
             if match is not None:
@@ -282,10 +288,6 @@ def _gets(bed: bedlib.Bed, socks_port: int | None, count: int) -> tuple[float, f
     return start, time.time()
 
 
-def _within(segments: list[Segment], window: tuple[float, float]) -> list[Segment]:
-    return [s for s in segments if window[0] <= s.time <= window[1]]
-
-
 def record(
     bed: bedlib.Bed,
     extra_for: Callable[[int | None], dict[str, Any]],
@@ -323,8 +325,8 @@ def record(
         tun = None
         if tun_file is not None:
             with open(tun_file, "rb") as pcap:
-                tun = _within(read_segments(pcap.read()), window)
-        timelines = flow_timelines(tun, _within(proxy_side, window), bedlib.HTTP_PORT, port)
+                tun = read_segments(pcap.read())
+        timelines = flow_timelines(tun, proxy_side, bedlib.HTTP_PORT, port, window)
         scenarios[name] = {
             "flows": len(timelines),
             "steps": median_steps(timelines),

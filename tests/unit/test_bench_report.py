@@ -205,22 +205,26 @@ def _pcap(linktype: int, packets: list[tuple[float, bytes]]) -> bytes:
     return out
 
 
-def _one_get(auth: bool = False) -> tuple[list[pcapread.Segment], list[pcapread.Segment]]:
-    """The TUN's and the proxy side's segments of one GET; times in ms from 1000 s."""
+def _one_get(
+    auth: bool = False, pooled: bool = False
+) -> tuple[list[pcapread.Segment], list[pcapread.Segment]]:
+    """The TUN's and the proxy side's segments of one GET; times in ms from 1000 s. `pooled`:
+    the proxy session was opened and greeted 5 ms before the SYN came in."""
     ms = 0.001
     connect = b"\x05\x01\x00\x01" + bytes([198, 19, 0, 10]) + struct.pack("!H", 8080)
     reply = b"\x05\x00\x00\x01" + bytes(4) + b"\0\0"
     greeting = b"\x05\x01\x02" if auth else b"\x05\x01\x00"
-    up: list[tuple[float, bytes]] = [(0.5, greeting)]
-    down: list[tuple[float, bytes]] = [(0.7, b"\x05\x02" if auth else b"\x05\x00")]
+    early = -5.0 if pooled else 0.0
+    up: list[tuple[float, bytes]] = [(0.5 + early, greeting)]
+    down: list[tuple[float, bytes]] = [(0.7 + early, b"\x05\x02" if auth else b"\x05\x00")]
     if auth:
         up.append((0.8, b"\x01\x01u\x02pw"))
         down.append((0.9, b"\x01\x00"))
     up += [(1.0, connect), (2.5, b"GET /small HTTP/1.0\r\n\r\n")]
     down += [(1.5, reply), (3.0, b"HTTP/1.0 200 OK\r\n\r\nhi")]
     proxy = [
-        (0.2, _ipv4_tcp(T2S, 40000, PROXY, 1080, S, 100, b"")),
-        (0.3, _ipv4_tcp(PROXY, 1080, T2S, 40000, SA, 900, b"")),
+        (0.2 + early, _ipv4_tcp(T2S, 40000, PROXY, 1080, S, 100, b"")),
+        (0.3 + early, _ipv4_tcp(PROXY, 1080, T2S, 40000, SA, 900, b"")),
     ]
     seq = 101
     for when, data in up:
@@ -282,6 +286,15 @@ def test_timeline_merges_tun_and_proxy_side_rfc1928_steps() -> None:
     ceiling = timeline.flow_timelines(None, proxy, 8080, 1080)
     assert ceiling[0]["dial: SYN to the proxy"] == 0.0
     assert ceiling[0]["CONNECT reply"] == pytest.approx(1.3, abs=0.002)
+
+
+def test_timeline_window_and_a_session_opened_before_the_flow() -> None:
+    tun, proxy = _one_get(pooled=True)
+    (steps,) = timeline.flow_timelines(tun, proxy, 8080, 1080, window=(999.9999, 1000.1))
+    assert steps["greeting sent"] == pytest.approx(-4.5, abs=0.002)  # before the SYN in
+    assert steps["CONNECT sent"] == pytest.approx(1.0, abs=0.002)
+    assert timeline.flow_timelines(tun, proxy, 8080, 1080, window=(1000.1, 1001.0)) == []
+    assert timeline.flow_timelines(None, proxy, 8080, 1080, window=(1000.1, 1001.0)) == []
 
 
 def test_timeline_rfc1929_auth_and_pipelined_greeting() -> None:
