@@ -4,13 +4,14 @@ reader and the connection timeline, the profile summary, and the README sections
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import pcapread, profile, report, targets, timeline
+from bench import delayrelay, pcapread, profile, report, targets, timeline
 from bench.rows import LABEL_CEILING, LABEL_TUN, parse_curl_timings
 
 
@@ -325,3 +326,42 @@ def test_timeline_markdown_medians() -> None:
     table = timeline.markdown({"scenarios": {"t": {"flows": 3, "steps": medians}}}, "now")
     assert "| SYN-ACK out (TUN) | 2.00 |" in table
     assert "| CONNECT sent |" not in table
+
+
+# -- the delaying relay of the 20 ms rows, on loopback ----------------------------------------
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()  # after the client's EOF: our EOF must still reach it through the relay
+
+
+async def _through_relay(payload: bytes, delay_ms: float) -> tuple[bytes, float, float]:
+    loop = asyncio.get_running_loop()
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    relay = delayrelay.Relay("127.0.0.1", echo_port, delay_ms / 1000.0, max_conns=10)
+    server = await loop.create_server(relay.accept, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        started = loop.time()
+        writer.write(b"x")
+        first = await asyncio.wait_for(reader.readexactly(1), 5)
+        round_trip = loop.time() - started
+        writer.write(payload)
+        writer.write_eof()
+        back = first + await asyncio.wait_for(reader.read(-1), 10)  # until the relayed EOF
+        writer.close()
+        return back, round_trip, loop.time() - started
+    finally:
+        server.close()
+        echo.close()
+
+
+def test_delay_relay_holds_each_way_keeps_order_and_passes_eof() -> None:
+    payload = bytes(range(256)) * 12_000  # 3 MB: past the relay's 1 MiB queue limit
+    back, round_trip, _ = asyncio.run(_through_relay(payload, delay_ms=10.0))
+    assert back == b"x" + payload
+    assert 0.020 <= round_trip < 1.0  # 10 ms each way
