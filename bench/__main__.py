@@ -25,7 +25,7 @@ from typing import Any
 from tests.integration import bed as bedlib
 from tun2socks.config import TunConfig
 
-from . import chart, memory, profile, report, rows, targets
+from . import chart, memory, profile, report, rows, srvproc, targets, timeline
 from .rows import LABEL_CEILING, LABEL_TUN, LABELS, MEASUREMENTS, ROW_IDS, Runner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +50,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--idle-conns", type=int, default=10_000, help="idle connections for the memory row"
     )
     parser.add_argument("--profile", action="store_true", help="py-spy profile of bulk transfers")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="the time of each step of one connection (pcap of the TUN and of the proxy's side)",
+    )
+    parser.add_argument(
+        "--section",
+        help="the bench/README.md section a complete run rewrites (default: its configuration's)",
+    )
     parser.add_argument("--log-level", default="warning", help="tun2socks log level")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
     args = parser.parse_args(argv)
@@ -58,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROW_IDS)}")
     args.selected = [r for r in ROW_IDS if r in selected]  # always in the table's order
+    if args.section and not report.has_section(args.section):
+        parser.error(f"bench/README.md has no section {args.section!r} (its markers)")
     return args
 
 
@@ -69,11 +80,22 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start_tun2socks(bed: bedlib.Bed, args: argparse.Namespace, log_name: str) -> str | None:
-    """Start a fresh tun2socks and send one GET through it; an error text, or None."""
+def tun2socks_extra(args: argparse.Namespace, proxy_port: int | None = None) -> dict[str, Any]:
+    """The bench's settings over the bed's tun2socks config; `proxy_port`: another port of the
+    proxy's address (the delaying relay) instead of danted's."""
     extra: dict[str, Any] = {"log": {"level": args.log_level}}
     if args.no_offload:
         extra["tun"] = {"offload": False}
+    if proxy_port is not None:
+        extra["proxy"] = {"url": f"socks5://{bedlib.SRV_VETH_IP}:{proxy_port}"}
+    return extra
+
+
+def start_tun2socks(
+    bed: bedlib.Bed, args: argparse.Namespace, log_name: str, proxy_port: int | None = None
+) -> str | None:
+    """Start a fresh tun2socks and send one GET through it; an error text, or None."""
+    extra = tun2socks_extra(args, proxy_port)
     url = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/small"
     try:
         bed.start_tun2socks(bed.workdir / log_name, extra=extra)
@@ -94,21 +116,23 @@ def stop_tun2socks(bed: bedlib.Bed, run: dict[str, Any]) -> None:
 def measure_all(bed: bedlib.Bed, args: argparse.Namespace, run: dict[str, Any]) -> None:
     results: dict[str, dict[str, Any]] = run["labels"]
     runner = Runner(bed, rows.RunnerSettings(args.iperf_secs, time.monotonic() + TOTAL_BUDGET_S))
-    table_rows = [r for r in args.selected if r not in rows.TUN_ONLY]
+    local_rows = [r for r in args.selected if r not in rows.TUN_ONLY | rows.REMOTE]
+    remote_rows = [r for r in args.selected if r in rows.REMOTE]
+    relay = None
     try:
-        if table_rows:
-            error = start_tun2socks(bed, args, "tun2socks.log")
-            if error:
-                results[LABEL_TUN]["error"] = error
-            for row in table_rows:
-                for name in MEASUREMENTS[row]:
-                    for label in LABELS:
-                        if label == LABEL_TUN and error:
-                            continue
-                        results[label][name] = runner.measure(name, label)
-                        print(f"  {label:13} {name:17} {_short(results[label][name])}", flush=True)
-                        time.sleep(rows.SETTLE_S)
-            stop_tun2socks(bed, run)
+        if local_rows:
+            measure_rows(bed, args, run, runner, local_rows, None)
+        relay_error = None
+        if remote_rows or args.timeline:
+            try:
+                relay = srvproc.start_delay_relay(bed, rows.RELAY_PORT, rows.RELAY_DELAY_MS)
+            except bedlib.BedError as exc:
+                relay_error = str(exc)
+        if remote_rows and relay_error:
+            for label in LABELS:
+                results[label]["latency_remote"] = {"error": relay_error}
+        elif remote_rows:
+            measure_rows(bed, args, run, runner, remote_rows, rows.RELAY_PORT)
         if "memory" in args.selected or args.profile:
             error = start_tun2socks(bed, args, "tun2socks-memory.log")
             if "memory" in args.selected:
@@ -120,12 +144,65 @@ def measure_all(bed: bedlib.Bed, args: argparse.Namespace, run: dict[str, Any]) 
                 print(f"  {LABEL_TUN:13} {'memory':17} {_short(results[LABEL_TUN]['memory'])}")
             if args.profile:
                 run["profile"] = record_profiles(bed, runner, run)
+            stop_tun2socks(bed, run)
+        if args.timeline:
+            run["timeline"] = record_timeline(bed, args, runner, None if relay_error else relay)
+            print(timeline.markdown(run["timeline"], timeline_context(run)))
     except rows.BudgetExhausted as exc:
         run["budget_exhausted"] = str(exc)
         print(f"stopped early: {exc}", file=sys.stderr)
     finally:
         if bed.tun2socks is not None:
             stop_tun2socks(bed, run)
+        if relay is not None:
+            srvproc.stop(relay)
+
+
+def measure_rows(
+    bed: bedlib.Bed,
+    args: argparse.Namespace,
+    run: dict[str, Any],
+    runner: Runner,
+    selected: list[str],
+    proxy_port: int | None,
+) -> None:
+    """Each measurement of `selected` for the ceiling, then at once for a tun2socks started for
+    these rows (its proxy: danted, or the relay on `proxy_port`)."""
+    results: dict[str, dict[str, Any]] = run["labels"]
+    log_name = "tun2socks.log" if proxy_port is None else f"tun2socks-{proxy_port}.log"
+    error = start_tun2socks(bed, args, log_name, proxy_port)
+    if error:
+        results[LABEL_TUN].setdefault("error", error)
+    for row in selected:
+        for name in MEASUREMENTS[row]:
+            for label in LABELS:
+                if label == LABEL_TUN and error:
+                    continue
+                results[label][name] = runner.measure(name, label)
+                print(f"  {label:13} {name:17} {_short(results[label][name])}", flush=True)
+                time.sleep(rows.SETTLE_S)
+    stop_tun2socks(bed, run)
+
+
+def record_timeline(
+    bed: bedlib.Bed, args: argparse.Namespace, runner: Runner, relay: object
+) -> dict[str, Any]:
+    try:
+        return timeline.record(
+            bed,
+            lambda port: tun2socks_extra(args, port),
+            runner.time_left,
+            rows.RELAY_PORT if relay is not None else None,
+        )
+    except (bedlib.BedError, subprocess.TimeoutExpired, ValueError, OSError) as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def timeline_context(run: dict[str, Any]) -> str:
+    return (
+        f"{run['date']} at commit {run['commit']}, MTU {run['mtu']}, offloads "
+        f"{'on' if run['offload'] else 'off'}, load average at start {run['load_avg_start'][0]:.2f}"
+    )
 
 
 def record_profiles(bed: bedlib.Bed, runner: Runner, run: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +254,8 @@ def publish(run: dict[str, Any], args: argparse.Namespace) -> None:
     )
     has_chart = chart.render(verdicts, title, png)
     complete = args.selected == list(ROW_IDS) and "budget_exhausted" not in run
-    publish_to = run["variant"] if complete and not args.no_readme else None
+    section = args.section or run["variant"]
+    publish_to = section if complete and not args.no_readme else None
     chart_ref = None
     if has_chart:
         chart_ref = f"results/{png.name}"
@@ -192,6 +270,14 @@ def publish(run: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"bench/README.md: section {publish_to} rewritten")
     elif args.selected and not args.no_readme:
         print("bench/README.md unchanged: only complete runs of a published variant go there")
+    timeline_section = f"timeline-{section}" if section else None
+    if "timeline" in run and timeline_section and not args.no_readme:
+        if report.has_section(timeline_section):
+            body = timeline.markdown(run["timeline"], timeline_context(run))
+            report.replace_section(timeline_section, body)
+            print(f"bench/README.md: section {timeline_section} rewritten")
+        else:
+            print(f"bench/README.md has no section {timeline_section}: timeline not written there")
     if "profile" in run and not args.no_readme:
         context = f"at commit {run['commit']}, MTU {run['mtu']}, offloads " + (
             "on" if run["offload"] else "off"

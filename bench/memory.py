@@ -24,12 +24,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tests.integration import bed as bedlib
 
-HOLD_SERVER_SCRIPT = Path(__file__).resolve().parent / "holdserver.py"
+from .srvproc import HOLD_SERVER_SCRIPT, start_script, stop
+
 HOLD_PORT = 9009
 CONNECTS_IN_FLIGHT = 200  # well below limits.max_half_open (1000): measure memory, not the cap
 SETTLE_S = 3.0  # longer than the default TIME-WAIT (2 s), so finished flows are gone
@@ -48,16 +48,6 @@ def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, An
     return answer
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 def measure_memory(bed: bedlib.Bed, n: int, time_left: Callable[[float], float]) -> dict[str, Any]:
     try:
         return _measure(bed, n, time_left)
@@ -69,22 +59,10 @@ def _measure(bed: bedlib.Bed, n: int, time_left: Callable[[float], float]) -> di
     t2s = bed.tun2socks
     if t2s is None or t2s.process.poll() is not None:
         return {"error": "tun2socks is not running"}
-    hold_server = subprocess.Popen(
-        [
-            *("ip", "netns", "exec", bed.srv_ns, sys.executable, str(HOLD_SERVER_SCRIPT)),
-            *("--host", bedlib.TARGET_IP, "--port", str(HOLD_PORT)),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    hold_args = ["--host", bedlib.TARGET_IP, "--port", str(HOLD_PORT)]
+    hold_server = start_script(bed, HOLD_SERVER_SCRIPT, hold_args, "holding")
     client: subprocess.Popen[str] | None = None
     try:
-        assert hold_server.stdout is not None
-        ready, _, _ = select.select([hold_server.stdout], [], [], 15)
-        if not ready or not hold_server.stdout.readline().startswith("holding"):
-            return {"error": "hold server did not start"}
         time.sleep(SETTLE_S)
         rss_idle = bedlib.process_rss_bytes(t2s.pid)
         connect_budget = time_left(180)
@@ -111,8 +89,8 @@ def _measure(bed: bedlib.Bed, n: int, time_left: Callable[[float], float]) -> di
         final: dict[str, Any] = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     finally:
         if client is not None:
-            _stop(client)
-        _stop(hold_server)
+            stop(client)
+        stop(hold_server)
     count = int(opened.get("opened", 0))
     return {
         "n": n,

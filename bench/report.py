@@ -2,8 +2,9 @@
 
 bench/README.md holds one table per configuration variant between markers
 `<!-- bench:VARIANT:begin -->` and `<!-- bench:VARIANT:end -->` (VARIANT is `defaults` or
-`mtu1500-no-offload`), and the profile between `<!-- bench:profile:begin/end -->`. A run rewrites
-only its own variant's section, and only when it measured every row.
+`mtu1500-no-offload`, or a section named with `--section`, such as `before`), the connection
+timeline of each in `timeline-VARIANT`, and the profile between `<!-- bench:profile:begin/end -->`.
+A run rewrites only its own section's table, and only when it measured every row.
 """
 
 from __future__ import annotations
@@ -75,8 +76,18 @@ def markdown_table(report: dict[str, Any], verdicts: list[Verdict], chart: str |
     return "\n".join(lines)
 
 
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+
+
+def has_section(name: str, readme: Path = README) -> bool:
+    begin, end = _markers(name)
+    text = readme.read_text()
+    return begin in text and end in text
+
+
 def replace_section(name: str, body: str, readme: Path = README) -> None:
-    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    begin, end = _markers(name)
     text = readme.read_text()
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
