@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import bed as bedlib
+from tests.integration import bed as bedlib
 
 BENCH_DIR = Path(__file__).resolve().parent
 DELAY_RELAY_SCRIPT = BENCH_DIR / "delayrelay.py"

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import bed as bedlib
+from tests.integration import bed as bedlib
 
 from .pcapread import Segment, read_segments
 
