@@ -31,7 +31,7 @@ from tun2socks.net.events import (
 )
 from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.observe import api
-from tun2socks.outbound import direct, routing, socks5
+from tun2socks.outbound import direct, http_connect, routing, socks5
 from tun2socks.outbound.dialer import Dialer, DialError
 from tun2socks.outbound.socks5_wire import ReplyCode
 from tun2socks.relay import Relay
@@ -241,6 +241,8 @@ class Engine:
 
 def _error_kind(exc: Exception) -> str:
     """The counter key of a refused flow: the SOCKS5 reply, or the kind of failure."""
+    if isinstance(exc, http_connect.HttpProxyRefused):
+        return f"http_{exc.status}"
     if isinstance(exc, socks5.Socks5ReplyError) and exc.reply_code is not None:
         known = exc.reply_code in ReplyCode.__members__.values()
         return ReplyCode(exc.reply_code).name.lower() if known else f"reply_{exc.reply_code}"

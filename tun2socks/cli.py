@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--proxy",
         metavar="URL",
-        help="socks5://[user[:pass]@]host:port (proxy.url); ${VAR} is read from the environment",
+        help="socks5:// or http://[user[:pass]@]host:port (proxy.url); ${VAR} from the environment",
     )
     run.add_argument(
         "--set",

@@ -410,6 +410,23 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
                 raise BedError(f"servers not listening on {sorted(ports - open_ports)}")
             time.sleep(0.1)
 
+    def start_server(self, name: str, args: Sequence[str], *, tcp_ports: Sequence[int]) -> None:
+        """Start one more server in the server namespace (unless it runs); wait for its ports."""
+        if any(n == name and proc.poll() is None for n, proc in self._servers):
+            return
+        self._start_server(name, args)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        waiting = set(tcp_ports)
+        while waiting:
+            proc = next(proc for n, proc in self._servers if n == name)
+            if proc.poll() is not None:
+                raise BedError(f"{name} exited with {proc.returncode}: {self._log_tail(name)}")
+            listening = self.run_srv(["ss", "-Hltn"], timeout=10).stdout
+            waiting -= {int(m) for m in re.findall(r":(\d+)\s", listening)}
+            if waiting and time.monotonic() > deadline:
+                raise BedError(f"{name} not listening on {sorted(waiting)}")
+            time.sleep(0.1)
+
     def _log_tail(self, name: str) -> str:
         try:
             return (self.workdir / f"{name}.log").read_text(errors="replace")[-1000:]
