@@ -49,6 +49,8 @@ from pydantic import (
     model_validator,
 )
 
+from tun2socks.config.uid_ranges import to_uid_range
+
 try:
     from yaml import CSafeLoader as _YamlLoader
 except ImportError:  # PyYAML built without libyaml
@@ -330,6 +332,7 @@ def _to_network(value: object) -> IPv4Network | IPv6Network:
 
 
 Network = Annotated[IPv4Network | IPv6Network, PlainValidator(_to_network)]
+UidRangeField = Annotated[tuple[int, int], PlainValidator(to_uid_range)]
 
 
 def _as_list(value: object) -> object:
@@ -347,11 +350,23 @@ class RouteConfig(BaseModel):
     table: int = Field(default=7280, ge=1, le=0xFFFFFFFF, strict=True)
     system_dns: bool = Field(default=False, strict=True)
     state_dir: str = Field(default="/run/tun2socks", min_length=1, strict=True)
+    # Per-user routing (uid_ranges.py): only these users' traffic goes into the TUN, or all
+    # but theirs. One or the other.
+    include_uids: list[UidRangeField] = Field(default_factory=list)
+    exclude_uids: list[UidRangeField] = Field(default_factory=list)
 
-    @field_validator("exclude", mode="before")
+    @field_validator("exclude", "include_uids", "exclude_uids", mode="before")
     @classmethod
     def _one_or_more(cls, value: object) -> object:
         return _as_list(value)
+
+    @model_validator(mode="after")
+    def _one_way_of_choosing_users(self) -> Self:
+        if self.include_uids and self.exclude_uids:
+            raise ValueError("include_uids and exclude_uids cannot be used together")
+        if (self.include_uids or self.exclude_uids) and not self.auto:
+            raise ValueError("include_uids and exclude_uids choose whom route.auto routes: set it")
+        return self
 
     @field_validator("table")
     @classmethod
