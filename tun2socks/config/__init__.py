@@ -332,7 +332,16 @@ def _to_network(value: object) -> IPv4Network | IPv6Network:
 
 
 Network = Annotated[IPv4Network | IPv6Network, PlainValidator(_to_network)]
-UidRangeField = Annotated[tuple[int, int], PlainValidator(to_uid_range)]
+
+
+def _to_uid_range(value: object) -> tuple[int, int]:
+    try:
+        return to_uid_range(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}{_got(value)}") from None
+
+
+UidRangeField = Annotated[tuple[int, int], PlainValidator(_to_uid_range)]
 
 
 def _as_list(value: object) -> object:

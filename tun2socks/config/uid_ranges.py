@@ -16,7 +16,8 @@ UidRange = tuple[int, int]
 
 
 def to_uid_range(value: object) -> UidRange:
-    """``(first, last)`` of one entry; ValueError with a message for the config error line."""
+    """``(first, last)`` of one entry; ValueError with a message for the config error line
+    (which does not quote the value: the caller adds it, with any URL password hidden)."""
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
         low, high = value
     elif isinstance(value, int) and not isinstance(value, bool):
@@ -25,11 +26,11 @@ def to_uid_range(value: object) -> UidRange:
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
     else:
-        raise ValueError(f"must be a uid or a range like 1000-1999 (got {value!r})")
+        raise ValueError("must be a uid or a range like 1000-1999")
     if not 0 <= low <= MAX_UID or not 0 <= high <= MAX_UID:
-        raise ValueError(f"uids must be between 0 and {MAX_UID} (got {value!r})")
+        raise ValueError(f"uids must be between 0 and {MAX_UID}")
     if low > high:
-        raise ValueError(f"range must not end below its start (got {value!r})")
+        raise ValueError("range must not end below its start")
     return low, high
 
 
