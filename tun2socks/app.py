@@ -255,12 +255,19 @@ def _error_kind(exc: Exception) -> str:
     return next((k for cls, k in kinds.items() if isinstance(exc, cls)), "dial_failed")
 
 
-async def _serve(settings: Settings, device: TunDevice) -> int:
+# Takes over from SIGINT/SIGTERM the decision when to stop (`tun2socks exec`: its command ends).
+Watch = Callable[[asyncio.AbstractEventLoop, asyncio.Event], None]
+
+
+async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = None) -> int:
     loop = asyncio.get_running_loop()
     engine = Engine(settings, device, loop)
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if watch is not None:
+        watch(loop, stop)
+    else:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     observer = None
     dns = None
     try:
@@ -302,9 +309,10 @@ def _raise_fd_limit(max_flows: int) -> None:
         )
 
 
-def run(settings: Settings, *, user: str | None = None) -> int:
+def run(settings: Settings, *, user: str | None = None, watch: Watch | None = None) -> int:
     """Run until SIGINT or SIGTERM; the exit status. With `user`, the data path runs as that
-    user in a child process (tun2socks.host.privileges)."""
+    user in a child process (tun2socks.host.privileges). With `watch`, it runs until `watch`
+    sets the event it is given (signals are then its business)."""
     # Device, routes and resolver are set up before the loop starts and undone after it ended:
     # pyroute2's synchronous API runs a loop of its own.
     _raise_fd_limit(settings.limits.max_flows)
@@ -327,6 +335,6 @@ def run(settings: Settings, *, user: str | None = None) -> int:
             return privileges.run_as(
                 user, lambda: asyncio.run(_serve(settings, device)), keep_net_admin=keep
             )
-        return asyncio.run(_serve(settings, device))
+        return asyncio.run(_serve(settings, device, watch))
     finally:
         host.close()
