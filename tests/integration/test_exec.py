@@ -108,6 +108,22 @@ def test_curl_goes_through_the_proxy_with_no_root_and_no_capability(
     assert peer6.strip() == bedlib.TARGET_IP6, proc.stderr
 
 
+def test_the_namespace_has_lo_and_a_tun_with_addresses_mtu_and_default_routes(
+    exec_bed: bedlib.Bed, workdir: Path
+) -> None:
+    script = "ip -o link; echo ====; ip -o addr; echo ====; ip route; ip -6 route"
+    proc = run_exec(exec_bed, workdir, ["sh", "-c", script], "--set", "tun.mtu=1400")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    links, addresses, routes = proc.stdout.split("====\n")
+    names = [line.split(":")[1].strip() for line in links.splitlines()]
+    assert names == ["lo", "tun0"], links
+    assert "mtu 1400" in links.splitlines()[1] and ",UP," in links.splitlines()[1]
+    assert "lo    inet 127.0.0.1/8" in addresses
+    assert "tun0    inet 198.18.0.1/15" in addresses
+    assert "tun0    inet6 fd7f:7f7f:7f7f::1/64" in addresses
+    assert routes.count("default dev tun0") == 2, routes  # IPv4 and IPv6
+
+
 def test_dig_and_udp_echo_inside(exec_bed: bedlib.Bed, workdir: Path) -> None:
     udp = [sys.executable, str(bedlib.UDP_TOOL_SCRIPT), "echo", bedlib.TARGET_IP, str(ECHO_PORT)]
     script = (

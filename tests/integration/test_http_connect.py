@@ -136,6 +136,45 @@ def test_dns_goes_over_tcp_through_connect_and_udp_is_refused_with_one_warning(
     assert "HTTP proxy" in warnings[0] and "asked again" not in warnings[0]
 
 
+def test_a_named_http_proxy_chosen_by_a_rule_next_to_a_socks5_default(
+    http_bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    extra = {
+        "proxies": {"web": {"url": tinyproxybed.url(http_bed, auth=True)}},
+        "rules": [{"dst": f"{bedlib.TARGET_IP6}/128", "action": "proxy", "proxy": "web"}],
+    }
+    t2s = http_bed.start_tun2socks(artifact_dir / "tun2socks.log", extra=extra)
+    request.node.stash[conftest.STARTED_KEY] = [t2s]
+    try:
+        before = tinyproxybed.log_text(http_bed, auth=True)
+        for url in (URL, URL6):
+            proc = curl(http_bed, f"{url}/small")
+            assert (proc.returncode, proc.stdout) == (0, httpserver.SMALL_BODY.decode())
+        new_lines = tinyproxybed.log_text(http_bed, auth=True)[len(before) :]
+        assert bedlib.TARGET_IP6 in new_lines  # the rule's destination: through tinyproxy
+        assert f"{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}" not in new_lines  # the rest: danted
+    finally:
+        http_bed.stop_tun2socks()
+
+
+def test_a_udp_dns_upstream_is_asked_over_tcp_through_connect(
+    http_bed: bedlib.Bed, artifact_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    extra = {
+        "proxy": {"url": tinyproxybed.url(http_bed)},
+        "dns": {"upstreams": [f"udp://[{bedlib.TARGET_IP6}]"]},
+    }
+    t2s = http_bed.start_tun2socks(artifact_dir / "tun2socks.log", extra=extra)
+    request.node.stash[conftest.STARTED_KEY] = [t2s]
+    try:
+        dig = ["dig", f"@{dnsbed.CLIENT_RESOLVER}", "+time=5", "+tries=1", dnsbed.ZONE_NAME, "A"]
+        out = http_bed.run_cli(dig, timeout=30).stdout
+        assert "status: NOERROR" in out and bedlib.TARGET_IP in out, out + t2s.log_tail()
+        assert f"[{bedlib.TARGET_IP6}]:53" in tinyproxybed.log_text(http_bed)
+    finally:
+        http_bed.stop_tun2socks()
+
+
 def test_wrong_password_gives_one_clear_line_without_the_password(
     http_bed: bedlib.Bed, start: Any
 ) -> None:
