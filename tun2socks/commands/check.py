@@ -181,12 +181,8 @@ def probe(
     """Probe one proxy, printing one line per step; True when every step passed."""
     print(f"proxy {name}: {config.redacted_url}")
     attempt = Probe(config, config.connect_timeout, protect)
-    steps: list[tuple[str, Callable[[], str] | None]] = [
-        ("TCP connect", attempt.connect),
-        ("SOCKS5 greeting", attempt.greet),
-        ("authentication", attempt.authenticate if config.username else None),
-        (f"CONNECT {format_host_port(*target)}", lambda: attempt.request(*target)),
-    ]
+    target_text = format_host_port(*target)
+    steps: list[tuple[str, Callable[[], str] | None]]
     if config.scheme == "http":
         password = config.password.get_secret_value() if config.password is not None else None
         http = check_http.HttpConnectProbe(config.username, password, config.connect_timeout)
@@ -197,9 +193,16 @@ def probe(
 
         steps = [
             ("TCP connect", attempt.connect),
-            (f"HTTP CONNECT {format_host_port(*target)} sent, answer", answer),
+            (f"HTTP CONNECT {target_text} sent, answer", answer),
             ("authentication", http.authenticate),
-            (f"tunnel to {format_host_port(*target)}", http.tunnel),
+            (f"tunnel to {target_text}", http.tunnel),
+        ]
+    else:
+        steps = [
+            ("TCP connect", attempt.connect),
+            ("SOCKS5 greeting", attempt.greet),
+            ("authentication", attempt.authenticate if config.username else None),
+            (f"CONNECT {target_text}", lambda: attempt.request(*target)),
         ]
     failed = False
     try:

@@ -19,7 +19,6 @@ import asyncio
 import os
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Protocol
 
 from tun2socks.outbound.http_connect_wire import (
     MAX_HEAD,
@@ -115,86 +114,88 @@ async def connect(
         request = build_connect(dst_host, dst_port, credentials_of(proxy))
     except HttpWireError as exc:
         raise ValueError(str(exc)) from None
-    target = format_host_port(dst_host, dst_port)
-    loop = asyncio.get_running_loop()
-    phase = ["resolving the proxy host"]
-
-    def error(cls: type[HttpProxyError], reason: str, status: int | None = None) -> HttpProxyError:
-        return cls(reason, proxy.address, target, "CONNECT", status)
-
-    sock: socket.socket | None = None
+    attempt = _Attempt(proxy, format_host_port(dst_host, dst_port))
     try:
         async with asyncio.timeout(timeout):
-            sock = await _connect_to_proxy(loop, proxy, prepare_socket, phase, error)
-            phase[0] = "sending CONNECT"
-            try:
-                await loop.sock_sendall(sock, request)
-                phase[0] = "waiting for the CONNECT answer"
-                head = await _read_head(loop, sock)
-            except OSError as exc:
-                raise error(HttpProxyProtocolError, f"{_reason(exc)} while {phase[0]}") from None
-            except HttpWireError as exc:
-                raise error(HttpProxyProtocolError, str(exc)) from None
-            if head is None:
-                reason = f"the proxy closed the connection while {phase[0]}"
-                raise error(HttpProxyProtocolError, reason)
-            if not head.is_success:
-                cls, reason = refusal(head, proxy.username)
-                raise error(cls, reason, head.status)
+            return await attempt.run(request, prepare_socket)
     except TimeoutError:
-        if sock is not None:
-            sock.close()
-        raise error(HttpProxyTimeout, f"timed out after {timeout:g} s {phase[0]}") from None
+        attempt.close()
+        reason = f"timed out after {timeout:g} s {attempt.phase}"
+        raise attempt.error(HttpProxyTimeout, reason) from None
     except BaseException:
-        if sock is not None:
-            sock.close()
+        attempt.close()
         raise
-    return sock
 
 
-async def _connect_to_proxy(
-    loop: asyncio.AbstractEventLoop,
-    proxy: ProxyEndpoint,
-    prepare_socket: SocketHook | None,
-    phase: list[str],
-    error: _ErrorFactory,
-) -> socket.socket:
-    try:
-        ip = ip_address(proxy.host)
-        version = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        candidates: list[tuple[int, tuple[str, int]]] = [(version, (proxy.host, proxy.port))]
-    except ValueError:
-        try:
-            infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            reason = f"cannot resolve proxy host: {_reason(exc)}"
-            raise error(HttpProxyUnreachable, reason) from None
-        candidates = [(info[0], (str(info[4][0]), int(info[4][1]))) for info in infos]
-    last = "no address"
-    phase[0] = "connecting to the proxy"
-    for family, sockaddr in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if prepare_socket is not None:
-                prepare_socket(sock)
-            await loop.sock_connect(sock, sockaddr)
-        except OSError as exc:
-            sock.close()
-            last = _reason(exc)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    raise error(HttpProxyUnreachable, f"cannot reach proxy: {last}")
+class _Attempt:
+    """One CONNECT in progress: its socket, the step it is in, how to word its errors."""
 
+    def __init__(self, proxy: ProxyEndpoint, target: str) -> None:
+        self.proxy = proxy
+        self.target = target
+        self.sock: socket.socket | None = None
+        self.phase = "resolving the proxy host"
+        self.loop = asyncio.get_running_loop()
 
-class _ErrorFactory(Protocol):
-    def __call__(
+    def error(
         self, cls: type[HttpProxyError], reason: str, status: int | None = None
-    ) -> HttpProxyError: ...
+    ) -> HttpProxyError:
+        return cls(reason, self.proxy.address, self.target, "CONNECT", status)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    async def run(self, request: bytes, prepare_socket: SocketHook | None) -> socket.socket:
+        sock = self.sock = await self._connect_to_proxy(prepare_socket)
+        try:
+            self.phase = "sending CONNECT"
+            await self.loop.sock_sendall(sock, request)
+            self.phase = "waiting for the CONNECT answer"
+            head = await _read_head(self.loop, sock)
+        except OSError as exc:
+            raise self.error(HttpProxyProtocolError, f"{_reason(exc)} while {self.phase}") from None
+        except HttpWireError as exc:
+            raise self.error(HttpProxyProtocolError, str(exc)) from None
+        if head is None:
+            reason = f"the proxy closed the connection while {self.phase}"
+            raise self.error(HttpProxyProtocolError, reason)
+        if not head.is_success:
+            cls, reason = refusal(head, self.proxy.username)
+            raise self.error(cls, reason, head.status)
+        return sock
+
+    async def _connect_to_proxy(self, prepare_socket: SocketHook | None) -> socket.socket:
+        host, port = self.proxy.host, self.proxy.port
+        try:
+            version = socket.AF_INET6 if ip_address(host).version == 6 else socket.AF_INET
+            candidates: list[tuple[int, tuple[str, int]]] = [(version, (host, port))]
+        except ValueError:  # a name: the resolver's answers, in its order
+            try:
+                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                reason = f"cannot resolve proxy host: {_reason(exc)}"
+                raise self.error(HttpProxyUnreachable, reason) from None
+            candidates = [(info[0], (str(info[4][0]), int(info[4][1]))) for info in infos]
+        last = "no address"
+        self.phase = "connecting to the proxy"
+        for family, sockaddr in candidates:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if prepare_socket is not None:
+                    prepare_socket(sock)
+                await self.loop.sock_connect(sock, sockaddr)
+            except OSError as exc:
+                sock.close()
+                last = _reason(exc)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise self.error(HttpProxyUnreachable, f"cannot reach proxy: {last}")
 
 
 async def _read_head(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ResponseHead | None:
