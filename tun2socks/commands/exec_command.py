@@ -162,9 +162,10 @@ def _run(settings: Settings, command: list[str]) -> int:
         from tun2socks.app import run as run_app
 
         code = run_app(settings.model_copy(update={"tun": tun}), watch=child.watch)
-        if child.status is None:  # the data path failed: the command must not run without it
+        if child.status is None:  # the data path failed (code): COMMAND must not run without it
+            log.error("the data path ended (status %d): stopping the command", code)
             child.finish()
-            return code or exec_child.EXIT_SETUP_FAILED
+            return exec_child.EXIT_SETUP_FAILED
         return child.exit_status()
     finally:
         child.finish()
