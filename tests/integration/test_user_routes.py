@@ -21,6 +21,7 @@ from test_routes import (
     before,
     route_config,
     rules_of,
+    run_cli_tool,
     snapshot,
     uplink,
 )
@@ -83,3 +84,21 @@ def test_only_the_chosen_user_goes_through_the_proxy_and_teardown_restores_the_r
     assert "uidrange" not in rules_of(bed)
     state = artifact_dir / "state"
     assert list(state.iterdir()) == [], json.dumps([p.name for p in state.iterdir()])
+
+
+def test_uid_rules_left_by_a_killed_run_are_undone_by_down(
+    bed: bedlib.Bed,
+    start_tun2socks: bedlib.StartTun2socks,
+    artifact_dir: Path,
+    before: dict[str, list[str]],
+) -> None:
+    extra = route_config(artifact_dir, include_uids=[f"{TUNNELLED_UID}"])
+    t2s = start_tun2socks(routes=False, extra=extra)
+    assert peer_as(bed, TUNNELLED_UID, TARGET) == PROXIED_PEER
+    t2s.process.kill()
+    t2s.process.wait(10)
+    assert f"uidrange {TUNNELLED_UID}-{TUNNELLED_UID} lookup 7280" in rules_of(bed)
+    down = run_cli_tool(bed, "down", "--state-dir", str(artifact_dir / "state"))
+    assert down.returncode == 0, down.stderr
+    assert "uidrange" not in rules_of(bed)
+    assert snapshot(bed) == before
