@@ -227,6 +227,41 @@ def test_signals_are_forwarded_and_nothing_is_left_behind(
     assert not any(p.name.startswith("tun2socks-exec-") for p in Path("/tmp").iterdir())
 
 
+def test_the_api_answers_when_asked_for(exec_bed: bedlib.Bed, workdir: Path) -> None:
+    """The API listens in exec's own namespace (where COMMAND cannot reach it)."""
+    marker = workdir / "fetched"
+    script = (
+        f"curl -sS --max-time 10 -o /dev/null http://{TARGET}/small && touch {marker}; sleep 30"
+    )
+    api = ["--set", "api.enabled=true", "--set", "api.listen=127.0.0.1:9199"]
+    (workdir / "tmp").mkdir(mode=0o777, exist_ok=True)
+    (workdir / "tmp").chmod(0o1777)
+    process = subprocess.Popen(
+        exec_argv(exec_bed, workdir, ["sh", "-c", script], *api),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "COMMAND did not fetch"
+            time.sleep(0.05)
+        get = ["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9199/stats"]
+        stats = json.loads(exec_bed.run_cli(get, timeout=20).stdout)
+        assert stats["flows"]["total"] >= 1, stats
+        assert stats["relayed"]["bytes_down"] > 0, stats
+        os.kill(_exec_process(process.pid), signal.SIGTERM)
+        process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 128 + signal.SIGTERM
+
+
 def _processes_in(namespaces: list[str]) -> list[str]:
     found = []
     for ns_link in Path("/proc").glob("[0-9]*/ns/*"):
