@@ -65,3 +65,19 @@ def test_forbidding_sysctls_are_named_with_their_values(
         "kernel.unprivileged_userns_clone = 0",
         "kernel.apparmor_restrict_unprivileged_userns = 1",
     ]
+
+
+def test_forbidden_message_names_the_exhausted_limit_without_a_forbidding_sysctl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    monkeypatch.setattr(userns, "_SYSCTLS", tmp_path)  # none of the settings exists
+    error = userns._forbidden(OSError(errno.ENOSPC, "No space left on device"), "unshare")
+    assert str(error) == (
+        "cannot create a user namespace (unshare: No space left on device): "
+        "user.max_user_namespaces (of this or an enclosing user namespace) is exhausted"
+    )
+    assert userns.restriction_note() == ""
+    error = userns._forbidden(OSError(errno.EPERM, "Operation not permitted"), "unshare")
+    assert "kernel.unprivileged_userns_clone, user.max_user_namespaces" in str(error)

@@ -67,10 +67,12 @@ def run(plan: ChildPlan, channel: socket.socket) -> NoReturn:
         try:
             tun = _set_up(plan)
             socket.send_fds(channel, [MSG_FD], [tun.fileno()])
-        except (_Failed, userns.NamespaceError, DeviceError) as exc:
+        except userns.NamespaceError as exc:
             _report(channel, str(exc))
+        except (_Failed, DeviceError) as exc:  # EPERM here: AppArmor's restriction, say
+            _report(channel, f"{exc}{userns.restriction_note()}")
         except (OSError, NetlinkError) as exc:
-            _report(channel, f"cannot set up the namespace: {exc}")
+            _report(channel, f"cannot set up the namespace: {exc}{userns.restriction_note()}")
         if channel.recv(1) != MSG_GO:  # the parent gave up (its error is its own to report)
             os._exit(EXIT_SETUP_FAILED)
         channel.close()

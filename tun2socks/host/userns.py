@@ -95,7 +95,18 @@ def enter(uid: int, gid: int) -> None:
         # Nothing mounted here may reach the parent's mount namespace.
         _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount")
     except OSError as exc:
+        if exc.errno == errno.EPERM and forbidding_sysctls():  # AppArmor: no capabilities
+            raise _forbidden(exc, "mount") from None
         raise NamespaceError(f"cannot make the mount namespace private: {exc.strerror}") from None
+
+
+def restriction_note() -> str:
+    """`` (unprivileged user namespaces are restricted here: ...)`` or empty: for the
+    messages of a later step that failed for want of a capability."""
+    found = forbidding_sysctls()
+    if not found:
+        return ""
+    return f" (unprivileged user namespaces are restricted here: sysctl {', '.join(found)})"
 
 
 def bind_file(source: str, target: str) -> None:
@@ -117,4 +128,11 @@ def die_with_parent() -> None:
         raise NamespaceError("tun2socks exited during set-up")
 
 
-__all__ = ["NamespaceError", "bind_file", "die_with_parent", "enter", "forbidding_sysctls"]
+__all__ = [
+    "NamespaceError",
+    "bind_file",
+    "die_with_parent",
+    "enter",
+    "forbidding_sysctls",
+    "restriction_note",
+]
