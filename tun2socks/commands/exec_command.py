@@ -10,8 +10,9 @@ the API when ``--set api.enabled=true`` asks for it). The child then executes CO
 only way out is the TUN.
 
 Signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH) are forwarded to
-COMMAND; when it ends, the data path stops and its exit status is exec's (128 + N when killed
-by signal N; 125 when the namespace could not be set up, 126/127 when COMMAND cannot run).
+COMMAND, but not Ctrl-C and Ctrl-\\ from the terminal, which COMMAND gets itself. When COMMAND
+ends, the data path stops and its exit status is exec's (128 + N when killed by signal N; 125
+when the namespace could not be set up, 126/127 when COMMAND cannot run).
 Nothing stays behind: what COMMAND left running in its namespaces is killed when it ends, the
 namespaces die with their last process and descriptor, the child has asked to be killed with us
 (PR_SET_PDEATHSIG), and the private resolv.conf is unlinked as soon as it is mounted.
@@ -53,6 +54,8 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
     signal.SIGWINCH,
 )
+# Sent by the terminal to its whole foreground process group, COMMAND included.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 # Settings that exec sets itself: host routes and the host's resolver are never touched.
 FORCED = {
     "route.auto": False,
@@ -204,6 +207,25 @@ def _write_resolv_conf(addresses: list[Any]) -> str:
     return path
 
 
+def in_terminal_foreground() -> bool:
+    """Whether this process group is the foreground of its controlling terminal: then Ctrl-C
+    and Ctrl-\\ reach COMMAND (same group) from the terminal itself."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _ignore() -> None:
+    pass
+
+
 class Child:
     """The forked child: its TUN descriptor, its "go", its signals and its exit status."""
 
@@ -241,8 +263,12 @@ class Child:
                 stop.set()
 
         loop.add_reader(pidfd, exited)
+        from_terminal = TERMINAL_SIGNALS if in_terminal_foreground() else ()
         for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, self._forward, sig)
+            if sig in from_terminal:  # the terminal sent it to COMMAND too: once is enough
+                loop.add_signal_handler(sig, _ignore)
+            else:
+                loop.add_signal_handler(sig, self._forward, sig)
         loop.call_soon(self._go)
 
     def _go(self) -> None:
