@@ -12,6 +12,7 @@ import asyncio
 import logging
 import resource
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tun2socks.device import TunDevice
@@ -50,7 +51,11 @@ def stack_config(settings: Settings, device: TunDevice) -> StackConfig:
     )
 
 
-async def _serve(settings: Settings, device: TunDevice) -> int:
+# Takes over from SIGINT/SIGTERM the decision when to stop (`tun2socks exec`: its command ends).
+Watch = Callable[[asyncio.AbstractEventLoop, asyncio.Event], None]
+
+
+async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = None) -> int:
     loop = asyncio.get_running_loop()
     stack = Stack(stack_config(settings, device))
     port = DatagramPort(stack, loop)
@@ -99,8 +104,11 @@ async def _serve(settings: Settings, device: TunDevice) -> int:
     parts = Collaborators(dialer, udp, udp_by_port, domain_lookup, stats, proxy.address)
     engine = Engine(stack, device, loop, port, parts)
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if watch is not None:
+        watch(loop, stop)
+    else:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     observer = None
     try:
         engine.start()
@@ -140,7 +148,7 @@ def _raise_fd_limit(max_flows: int) -> None:
         )
 
 
-def run(settings: Settings, *, user: str | None = None) -> int:
+def run(settings: Settings, *, user: str | None = None, watch: Watch | None = None) -> int:
     """Run until SIGINT or SIGTERM; the exit status. With `user`, the data path runs as that
     user in a child process (tun2socks.host.privileges)."""
     # Device, routes and resolver are set up before the loop starts and undone after it ended:
@@ -161,6 +169,6 @@ def run(settings: Settings, *, user: str | None = None) -> int:
             return privileges.run_as(
                 user, lambda: asyncio.run(_serve(settings, device)), keep_net_admin=keep
             )
-        return asyncio.run(_serve(settings, device))
+        return asyncio.run(_serve(settings, device, watch))
     finally:
         host.close()

@@ -1,4 +1,4 @@
-"""Command line: ``tun2socks run`` and ``tun2socks version``.
+"""Command line: ``tun2socks run``, ``exec``, ``status``, ``check``, ``down`` and ``version``.
 
 Settings come from defaults < ``-c FILE`` < ``--set KEY=VALUE`` < explicit flags (``--device``,
 ``--proxy``, ``--log-level``). A configuration error prints ``tun2socks: error: ...`` and
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from tun2socks import __version__, logs
-from tun2socks.commands import check, down, status
+from tun2socks.commands import check, down, exec_command, status
 from tun2socks.config import ConfigError, Settings, exposure, load_settings
 from tun2socks.errors import UserError
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--proxy",
         metavar="URL",
-        help="socks5://[user[:pass]@]host:port (proxy.url); ${VAR} is read from the environment",
+        help="socks5:// or http://[user[:pass]@]host:port (proxy.url); ${VAR} from the environment",
     )
     run.add_argument(
         "--set",
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_parser(commands)
     check.add_parser(commands)
     down.add_parser(commands)
+    exec_command.add_parser(commands)
     commands.add_parser("version", help="print the version", description="Print the version.")
     return parser
 
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check.run(args)
         if args.command == "down":
             return down.run(args)
+        if args.command == "exec":
+            return exec_command.run(args)
         return _run(args)
     except UserError as err:
         print(f"tun2socks: error: {err}", file=sys.stderr)

@@ -110,6 +110,8 @@ class UdpRelay:
         self.loop = loop
         self.decide = decide
         self.enabled = config.enabled
+        # An HTTP proxy has CONNECT only (RFC 9110 section 9.3.6): no UDP, whatever we ask.
+        self.proxy_carries_udp = proxy.scheme != "http"
         self.refuse_with_icmp = config.when_unsupported == "unreachable"
         self.timeout = timeout
         # Protects the sockets to the proxy from routing back into the TUN (SO_MARK, ...).
@@ -131,6 +133,10 @@ class UdpRelay:
             return
         if not self.enabled:
             self._warn_unsupported("udp.enabled is false")
+            self._refuse(datagram)
+            return
+        if not self.proxy_carries_udp:
+            self._warn_unsupported("the proxy is an HTTP proxy, whose CONNECT carries TCP only")
             self._refuse(datagram)
             return
         if self._blocked(datagram):
@@ -238,7 +244,8 @@ class UdpRelay:
             return
         self._warned_unsupported = True
         action = "answered with ICMP port unreachable" if self.refuse_with_icmp else "dropped"
-        retry = f"; the proxy is asked again after {UNSUPPORTED_RETRY:g} s" if self.enabled else ""
+        asks_again = self.enabled and self.proxy_carries_udp
+        retry = f"; the proxy is asked again after {UNSUPPORTED_RETRY:g} s" if asks_again else ""
         log.warning(
             "UDP is not carried: %s. UDP datagrams (other than DNS to the forwarder) are %s "
             "(udp.when_unsupported)%s",

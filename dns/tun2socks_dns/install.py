@@ -141,7 +141,8 @@ def build_upstream(url: UpstreamUrl, socks: Socks5Dialer, config: DnsConfig) -> 
         return DohUpstream(url, socks.dial_host, ca_file=config.ca_file)
     address = url.address
     assert address is not None  # parse_upstream checked it
-    if url.scheme == "tcp":
+    # An HTTP proxy has CONNECT only: a udp:// upstream is asked over TCP through it.
+    if url.scheme == "tcp" or (url.scheme == "udp" and socks.proxy.scheme == "http"):
         return TcpUpstream(label, _via_proxy(socks, url))
     if url.scheme == "direct":
         protect = socks.prepare_socket

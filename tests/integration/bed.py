@@ -291,10 +291,19 @@ class Bed:
         if self.iperf:
             self._start_server("iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
             ports.add(IPERF_PORT)
+        self._wait_listening(ports)
+
+    def start_server(self, name: str, args: Sequence[str], *, tcp_ports: Sequence[int]) -> None:
+        """Start one more server in the server namespace (unless it runs); wait for its ports."""
+        if not any(n == name and proc.poll() is None for n, proc in self._servers):
+            self._start_server(name, args)
+            self._wait_listening(set(tcp_ports), only=name)
+
+    def _wait_listening(self, ports: set[int], only: str | None = None) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             for name, proc in self._servers:
-                if proc.poll() is not None:
+                if only in (None, name) and proc.poll() is not None:
                     raise BedError(f"{name} exited with {proc.returncode}: {self._log_tail(name)}")
             listening = self.run_srv(["ss", "-Hltn"], timeout=10).stdout
             open_ports = {int(m) for m in re.findall(r":(\d+)\s", listening)}

@@ -1,7 +1,9 @@
 """``tun2socks check -c FILE``: validate the configuration, then probe each proxy step by step.
 
 For the default proxy and every named one: TCP reachability, the SOCKS5 greeting, the
-authentication (RFC 1929, when credentials are configured) and a CONNECT to ``--target``. Each
+authentication (RFC 1929, when credentials are configured) and a CONNECT to ``--target``; for an
+``http://`` proxy: TCP reachability, the answer to CONNECT, authentication, the tunnel
+(``check_http.py``). Each
 step prints ``pass``, ``FAIL`` with the precise cause, or ``skip``; the exit status is 0 when
 everything passed, 1 when a step failed, 2 for a configuration error. The probe is a blocking
 client written on our own sans-IO codec (``socks5_wire``), one message at a time, so that each
@@ -13,10 +15,12 @@ from __future__ import annotations
 import argparse
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tun2socks import logs
+from tun2socks.commands import check_http
 from tun2socks.config import ConfigError, load_settings
 from tun2socks.outbound.direct import protector
 from tun2socks.outbound.socks5 import SocketHook, format_host_port
@@ -177,12 +181,29 @@ def probe(
     """Probe one proxy, printing one line per step; True when every step passed."""
     print(f"proxy {name}: {config.redacted_url}")
     attempt = Probe(config, config.connect_timeout, protect)
-    steps = [
-        ("TCP connect", attempt.connect),
-        ("SOCKS5 greeting", attempt.greet),
-        ("authentication", attempt.authenticate if config.username else None),
-        (f"CONNECT {format_host_port(*target)}", lambda: attempt.request(*target)),
-    ]
+    target_text = format_host_port(*target)
+    steps: list[tuple[str, Callable[[], str] | None]]
+    if config.scheme == "http":
+        password = config.password.get_secret_value() if config.password is not None else None
+        http = check_http.HttpConnectProbe(config.username, password, config.connect_timeout)
+
+        def answer() -> str:
+            assert attempt.sock is not None
+            return http.answer(attempt.sock, *target)
+
+        steps = [
+            ("TCP connect", attempt.connect),
+            (f"HTTP CONNECT {target_text} sent, answer", answer),
+            ("authentication", http.authenticate),
+            (f"tunnel to {target_text}", http.tunnel),
+        ]
+    else:
+        steps = [
+            ("TCP connect", attempt.connect),
+            ("SOCKS5 greeting", attempt.greet),
+            ("authentication", attempt.authenticate if config.username else None),
+            (f"CONNECT {target_text}", lambda: attempt.request(*target)),
+        ]
     failed = False
     try:
         for title, step in steps:
@@ -193,7 +214,7 @@ def probe(
             else:
                 try:
                     print(f"  pass  {title}: {step()}")
-                except (StepFailed, Socks5WireError) as exc:
+                except (StepFailed, check_http.StepFailed, Socks5WireError) as exc:
                     failed = True
                     print(f"  FAIL  {title}: {exc}")
     finally:

@@ -14,7 +14,7 @@ from urllib.parse import quote, unquote
 from pydantic import SecretStr
 
 MAX_AUTH_FIELD = 255  # RFC 1929: UNAME and PASSWD are 1..255 bytes
-URL_SHAPE = "socks5://[user[:password]@]host:port"
+URL_SHAPE = "socks5://[user[:password]@]host:port (or http:// for an HTTP CONNECT proxy)"
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,9 @@ class _Expander(Protocol):
 def _split_url(url: str, expand: _Expander) -> ParsedProxyUrl:
     # Split on the text as written: a variable's value cannot move the delimiters.
     scheme_raw, _, rest = url.partition("://")
-    if expand(scheme_raw).lower() not in ("socks5", "socks5h"):
-        raise ValueError("scheme must be socks5:// or socks5h://")
+    scheme = expand(scheme_raw).lower()
+    if scheme not in ("socks5", "socks5h", "http"):
+        raise ValueError("scheme must be socks5://, socks5h:// or http:// (HTTP CONNECT)")
     # rpartition: a password with an unencoded '@' still splits at the host.
     user_info, at, host_port_raw = rest.removesuffix("/").rpartition("@")
     username = password = None
@@ -138,11 +139,13 @@ def _split_url(url: str, expand: _Expander) -> ParsedProxyUrl:
         username = _credential(expand(user_raw, verbatim=True), "user name")
         if colon:
             password = SecretStr(_credential(expand(password_raw, verbatim=True), "password"))
+    if scheme == "http" and username is not None and ":" in username:
+        raise ValueError("user name of an http:// proxy cannot contain ':' (RFC 7617)")
     host_port = expand(host_port_raw)
     if any(c in host_port for c in "/?#%@"):
         raise ValueError(f"must not have a path, query or fragment: {URL_SHAPE}")
     host, port = parse_host_port(host_port)
-    return ParsedProxyUrl("socks5", host, port, username, password)
+    return ParsedProxyUrl("http" if scheme == "http" else "socks5", host, port, username, password)
 
 
 _USERINFO_PASSWORD = re.compile(r"(://[^/@:]*:).*@")

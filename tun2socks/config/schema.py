@@ -40,6 +40,7 @@ from tun2socks.config.proxy_url import (
     parse_host_port,
     parse_proxy_url,
 )
+from tun2socks.config.uid_ranges import to_uid_range
 
 IFNAMSIZ = 16  # linux/if.h: interface names hold at most 15 bytes plus the NUL
 
@@ -279,6 +280,16 @@ def _to_network(value: object) -> IPv4Network | IPv6Network:
 Network = Annotated[IPv4Network | IPv6Network, PlainValidator(_to_network)]
 
 
+def _to_uid_range(value: object) -> tuple[int, int]:
+    try:
+        return to_uid_range(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}{echo(value)}") from None
+
+
+UidRangeField = Annotated[tuple[int, int], PlainValidator(_to_uid_range)]
+
+
 def _as_list(value: object) -> object:
     """Lets a rule or route key take one item where a list is expected."""
     return [value] if isinstance(value, str | int) and not isinstance(value, bool) else value
@@ -294,11 +305,23 @@ class RouteConfig(BaseModel):
     table: int = Field(default=7280, ge=1, le=0xFFFFFFFF, strict=True)
     system_dns: bool = Field(default=False, strict=True)
     state_dir: str = Field(default="/run/tun2socks", min_length=1, strict=True)
+    # Per-user routing (uid_ranges.py): only these users' traffic goes into the TUN, or all
+    # but theirs. One or the other.
+    include_uids: list[UidRangeField] = Field(default_factory=list)
+    exclude_uids: list[UidRangeField] = Field(default_factory=list)
 
-    @field_validator("exclude", mode="before")
+    @field_validator("exclude", "include_uids", "exclude_uids", mode="before")
     @classmethod
     def _one_or_more(cls, value: object) -> object:
         return _as_list(value)
+
+    @model_validator(mode="after")
+    def _one_way_of_choosing_users(self) -> Self:
+        if self.include_uids and self.exclude_uids:
+            raise ValueError("include_uids and exclude_uids cannot be used together")
+        if (self.include_uids or self.exclude_uids) and not self.auto:
+            raise ValueError("include_uids and exclude_uids choose whom route.auto routes: set it")
+        return self
 
     @field_validator("table")
     @classmethod

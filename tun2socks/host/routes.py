@@ -10,6 +10,8 @@ Policy routing, as wg-quick does it. In each address family (IPv6 only when the 
     rules                   5200  fwmark M lookup main                  only with route.mark
                             5201  lookup main suppress_prefixlength 0
                             5202  lookup T
+    (per-user routing, route.include_uids / exclude_uids, changes 5202 or adds to 5200:
+    host/uid_rules.py)
 
 Rule 5201 consults the main table but ignores its default routes: every more specific route
 there (the connected prefixes of the other interfaces, that is the local networks, and what
@@ -47,6 +49,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from tun2socks.device import DeviceError, TunDevice
 from tun2socks.errors import UserError
 from tun2socks.host import resolver as system_dns
+from tun2socks.host import uid_rules
 from tun2socks.host.state import Change, StateError, StateFile
 
 if TYPE_CHECKING:
@@ -180,6 +183,8 @@ class Host:
                     fwmask=ALL_MARK_BITS,
                     table=MAIN_TABLE,
                 )
+            for args in uid_rules.exclusion_rules(route, family, RULE_PRIORITY, MAIN_TABLE):
+                self._add(ipr, "rule", **args)
             self._add(
                 ipr,
                 "rule",
@@ -188,7 +193,8 @@ class Host:
                 table=MAIN_TABLE,
                 suppress_prefixlen=0,
             )
-            self._add(ipr, "rule", family=family, priority=RULE_PRIORITY + 2, table=route.table)
+            for args in uid_rules.tun_rules(route, family, RULE_PRIORITY + 2):
+                self._add(ipr, "rule", **args)
 
     def _proxy_routes(
         self, ipr: Any, device: str, index: int, families: Sequence[int]
@@ -365,6 +371,8 @@ def describe(change: Change) -> str:
         words = [f"{args.get('priority')}:"]
         if "fwmark" in args:
             words.append(f"fwmark {args['fwmark']:#x}")
+        if "uid_range" in args:
+            words.append(f"uidrange {str(args['uid_range']).replace(':', '-')}")
         words.append(f"lookup {args.get('table')}")
         if "suppress_prefixlen" in args:
             words.append(f"suppress_prefixlength {args['suppress_prefixlen']}")

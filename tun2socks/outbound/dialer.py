@@ -13,7 +13,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from tun2socks.net.events import FlowRequested
-from tun2socks.outbound import socks5
+from tun2socks.outbound import http_connect, socks5
 
 
 class DialError(Exception):
@@ -36,7 +36,8 @@ class HostDialer(Dialer, Protocol):
 
 
 class Socks5Dialer:
-    """Every flow through one SOCKS5 proxy, to the address the client connected to."""
+    """Every flow through one proxy, to the address the client connected to: SOCKS5, or an
+    HTTP proxy by CONNECT when ``proxy.scheme`` is "http" (same errors, same protection)."""
 
     def __init__(
         self,
@@ -56,6 +57,10 @@ class Socks5Dialer:
 
     async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
         """A connection to `host` (an address, or a name the proxy resolves) and `port`."""
+        if self.proxy.scheme == "http":
+            return await http_connect.connect(
+                self.proxy, host, port, timeout=self.timeout, prepare_socket=self.prepare_socket
+            )
         sock, _bound = await socks5.connect(
             self.proxy,
             host,

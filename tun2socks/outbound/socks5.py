@@ -143,16 +143,22 @@ class ProxySettings(Protocol):
     def username(self) -> str | None: ...
     @property
     def password(self) -> _SecretValue | None: ...
+    @property
+    def scheme(self) -> str: ...
 
 
 @dataclass(frozen=True)
 class ProxyEndpoint:
-    """Where the proxy is and how to log in; ``host`` may be a name or an IP literal."""
+    """Where the proxy is and how to log in; ``host`` may be a name or an IP literal.
+
+    ``scheme`` is "socks5", or "http" for an HTTP CONNECT proxy (``outbound/http_connect.py``).
+    """
 
     host: str
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    scheme: str = "socks5"
 
     def __post_init__(self) -> None:
         if not 0 < self.port <= 0xFFFF:
@@ -165,7 +171,7 @@ class ProxyEndpoint:
     @classmethod
     def from_config(cls, proxy: ProxySettings) -> ProxyEndpoint:
         password = proxy.password.get_secret_value() if proxy.password is not None else None
-        return cls(proxy.host, proxy.port, proxy.username, password)
+        return cls(proxy.host, proxy.port, proxy.username, password, proxy.scheme)
 
     @property
     def address(self) -> str:

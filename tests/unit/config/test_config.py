@@ -328,6 +328,8 @@ def test_several_errors_report_the_first_by_line_and_count_the_rest(write: Write
             "socks5://b%40b:***@[fd00::2]:9",
         ),
         ("socks5://bob:@h:9", "h", 9, "bob", "", "socks5://bob:***@h:9"),
+        ("http://10.0.0.1:3128", "10.0.0.1", 3128, None, None, "http://10.0.0.1:3128"),
+        ("HTTP://al:pw@[fd00::2]:8", "fd00::2", 8, "al", "pw", "http://al:***@[fd00::2]:8"),
         ("socks5://bob:p@ss@h:9", "h", 9, "bob", "p@ss", "socks5://bob:***@h:9"),
     ],
 )
@@ -336,7 +338,7 @@ def test_proxy_url_parts(
 ) -> None:
     proxy = ProxyConfig(url=url)
     assert proxy.url == url
-    assert proxy.scheme == "socks5"
+    assert proxy.scheme == redacted.partition(":")[0]
     assert (proxy.host, proxy.port, proxy.username) == (host, port, username)
     secret = proxy.password.get_secret_value() if proxy.password is not None else None
     assert secret == password
@@ -346,8 +348,9 @@ def test_proxy_url_parts(
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("http://h:1", "scheme must be socks5:// or socks5h://"),
-        ("socks4://h:1", "scheme must be socks5:// or socks5h://"),
+        ("https://h:1", "scheme must be socks5://, socks5h:// or http://"),
+        ("socks4://h:1", "scheme must be socks5://, socks5h:// or http://"),
+        ("http://a%3Ab:c@h:1", "cannot contain ':' (RFC 7617)"),
         ("127.0.0.1:1080", "must look like socks5://"),
         ("socks5://h", "has no port"),
         ("socks5://h:", "port must be a number from 1 to 65535"),
@@ -530,7 +533,7 @@ def test_password_appears_in_no_message_repr_or_str(
         str(error_of(write(f"proxy: {{url: '{url}', bogus: {PASSWORD}}}\n"))),
         str(error_of(write(f"proxy: '{url}'\n"))),  # a string where a mapping belongs
         str(error_of(write(f"proxy: {{url: '{url[:-5]}'}}\n"))),  # no port
-        str(error_of(write(f"proxy: {{url: 'http://alice:{PASSWORD}@h:1'}}\n"))),
+        str(error_of(write(f"proxy: {{url: 'https://alice:{PASSWORD}@h:1'}}\n"))),
         str(error_of(write(f"proxy: {{url: 'socks5://alice:{PASSWORD}'}}\n"))),  # host forgotten
         str(
             error_of(write(f"proxy: {{url: 'socks5://alice:{PASSWORD}@h:1', connect_timeout: 0}}"))
