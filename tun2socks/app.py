@@ -319,12 +319,19 @@ def run(settings: Settings, *, user: str | None = None) -> int:
         raise
     # Plain asyncio: with Protocol-based I/O it measured as fast as uvloop or faster here
     # (bench/README.md), so there is no second event loop to depend on.
+    failed = True  # route.strict keeps its block after a crash (tun2socks.host.strict)
     try:
         if user is not None:
             keep = bool(settings.route.mark)  # SO_MARK needs CAP_NET_ADMIN
-            return privileges.run_as(
+            status = privileges.run_as(
                 user, lambda: asyncio.run(_serve(settings, device)), keep_net_admin=keep
             )
-        return asyncio.run(_serve(settings, device))
+        else:
+            status = asyncio.run(_serve(settings, device))
+        failed = status != 0
+        return status
+    except KeyboardInterrupt:
+        failed = False  # a signal before the loop took over: a deliberate stop
+        raise
     finally:
-        host.close()
+        host.close(failed=failed)

@@ -347,6 +347,13 @@ class RouteConfig(BaseModel):
     table: int = Field(default=7280, ge=1, le=0xFFFFFFFF, strict=True)
     system_dns: bool = Field(default=False, strict=True)
     state_dir: str = Field(default="/run/tun2socks", min_length=1, strict=True)
+    strict: bool = Field(default=False, strict=True)  # the kill switch: tun2socks.host.strict
+
+    @model_validator(mode="after")
+    def _strict_needs_auto(self) -> Self:
+        if self.strict and not self.auto:
+            raise ValueError("strict: true needs auto: true (it guards the routes auto makes)")
+        return self
 
     @field_validator("exclude", mode="before")
     @classmethod

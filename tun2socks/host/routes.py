@@ -46,6 +46,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tun2socks.device import DeviceError, TunDevice
 from tun2socks.host import resolver as system_dns
+from tun2socks.host import strict
 from tun2socks.host.state import Change, StateError, StateFile
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("pyroute2").setLevel(logging.INFO)
 
 RULE_PRIORITY = 5200  # the fwmark rule; the next two follow. Below main's 32766, above 0.
+RULE_PRIORITIES = range(RULE_PRIORITY, RULE_PRIORITY + 3)
 MAIN_TABLE = 254  # linux/rtnetlink.h RT_TABLE_MAIN
 RTN_LOCAL = 2
 ALL_MARK_BITS = 0xFFFFFFFF
@@ -76,6 +78,7 @@ class Host:
         self.route = settings.route
         self.state: StateFile | None = None
         self.device: TunDevice | None = None
+        self.handover = strict.Handover()  # route.strict: the block taken over from a crash
 
     @property
     def changes_system(self) -> bool:
@@ -114,9 +117,18 @@ class Host:
         if leftover is not None:
             pid = leftover.get("pid", "?")
             log.warning("undoing what an earlier run (pid %s) left on %s", pid, device)
-            for error in undo(leftover["changes"]):
+            kept: list[Change] = []
+            to_undo: list[Change] = leftover["changes"]
+            if self.route.strict and self.route.auto:
+                kept, to_undo = strict.split_leftover(to_undo, self.route.table, RULE_PRIORITIES)
+            for error in undo(to_undo):
                 log.warning("could not undo: %s", error)
-            state.remove()
+            if kept:
+                log.warning("route.strict: keeping its block in place until set up again")
+                state.adopt(kept)
+                self.handover = strict.Handover(kept)
+            else:
+                state.remove()
 
     def setup(self) -> None:
         """Routes, rules and resolver for the open device. Raises SetupError, after undoing
@@ -129,6 +141,7 @@ class Host:
                 index = _link_index(ipr, device.name)
                 if self.route.auto:
                     self._routes(ipr, device.name, index)
+                    self._drop_unclaimed(ipr)
                 if self.route.system_dns:
                     self._resolver(ipr, device.name, index)
         except NetlinkError as exc:
@@ -149,13 +162,19 @@ class Host:
         families = [socket.AF_INET]
         if _ipv6_enabled(device):
             families.append(socket.AF_INET6)
+        # route.strict guards IPv6 even when the TUN has none: it must not go around the TUN.
+        guarded = [socket.AF_INET, socket.AF_INET6] if route.strict else []
+        ruled = sorted(set(families) | set(guarded))
         protected = bool(route.mark or route.bind_interface)
         # Before any route of ours exists: where the proxies are reached now.
-        host_routes = [] if protected else self._proxy_routes(ipr, device, index, families)
+        host_routes = [] if protected else self._proxy_routes(ipr, device, index, ruled)
+        for args in strict.guard_routes(route.table, guarded):
+            self._add(ipr, "route", **args)
         for family in families:
             self._add(
                 ipr, "route", family=family, dst=DEFAULT_DST[family], oif=index, table=route.table
             )
+        for family in ruled:
             for net in route.exclude:
                 if _family(net.version) == family:
                     self._add(
@@ -164,7 +183,7 @@ class Host:
         for args in host_routes:
             self._add(ipr, "route", **args)
         # The last rule switches the traffic over; restore removes it first.
-        for family in families:
+        for family in ruled:
             if route.mark:
                 self._add(
                     ipr,
@@ -261,6 +280,8 @@ class Host:
 
     def _add(self, ipr: Any, kind: str, **args: Any) -> None:
         change: Change = {"kind": kind, "args": args}
+        if self.handover.claim(change):
+            return  # made by the crashed run before, and in our record since _lock
         self._record(change)
         try:
             getattr(ipr, kind)("add", **args)
@@ -274,6 +295,14 @@ class Host:
             if exc.code == errno.EEXIST:
                 hint = f" (is table {self.route.table} used by another program? see route.table)"
             raise SetupError(f"cannot add {describe(change)}: {_reason(exc)}{hint}") from None
+
+    def _drop_unclaimed(self, ipr: Any) -> None:
+        """What a crashed strict run left that this set-up does not make (now ours: the
+        rules and routes this run needs are all in place)."""
+        for change in reversed(self.handover.unclaimed()):
+            _delete(ipr, change)
+            assert self.state is not None
+            self.state.forget(change)
 
     # ------------------------------------------------------------------ tear down
 
@@ -293,10 +322,16 @@ class Host:
                 state.remove()
         return errors
 
-    def close(self) -> None:
-        """Undo the host changes, close the device, release the lock."""
+    def close(self, *, failed: bool = False) -> None:
+        """Undo the host changes, close the device, release the lock. With route.strict, a
+        failed run keeps them all, as a killed one would: traffic stays blocked."""
         try:
-            self.restore()
+            if failed and self.route.strict and self.state is not None and self.state.changes:
+                log.error(
+                    "route.strict: traffic stays blocked until `tun2socks down` or the next start"
+                )
+            else:
+                self.restore()
         finally:
             if self.device is not None:
                 self.device.close()
