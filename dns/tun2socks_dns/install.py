@@ -27,6 +27,7 @@ from .cache import CacheSettings, DnsCache
 from .dialer import DnsDialer, FakeAddressGuard
 from .doh import DohUpstream
 from .fakeip import FakeIpPool
+from .fakeip_store import FakeIpStore, store_path
 from .forwarder import DnsForwarder, ForwarderSettings
 from .hosts import DomainSet, StaticHosts
 from .resolver import Resolver
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
 
     from tun2socks.app import Engine
-    from tun2socks.config import DnsConfig
+    from tun2socks.config import DnsConfig, Settings
 
 UDP_OVERHEAD = 48  # IPv6 header + UDP header: a reply this much below the MTU fits
 
@@ -103,7 +104,19 @@ def install(engine: Engine, config: DnsConfig) -> DnsForwarder:
         engine.datagram_handler = FakeAddressGuard(engine.datagram_handler, engine, forwarder)
     engine.domain_lookup = lambda address: resolver.domain_for(address, loop.time())
     engine.stats_sources["dns"] = forwarder.stats
+    if pools is not None and _persist(engine.settings, config):
+        store = FakeIpStore(
+            store_path(engine.settings.route.state_dir, engine.device.name), pools, loop.time
+        )
+        store.load()
+        store.start()
+        forwarder.close_with(store.close)
     return forwarder
+
+
+def _persist(settings: Settings, config: DnsConfig) -> bool:
+    """dns.fake_persist, or by default route.auto (its state_dir is in use then)."""
+    return settings.route.auto if config.fake_persist is None else config.fake_persist
 
 
 def find_socks_dialer(dialer: Any) -> Socks5Dialer | None:

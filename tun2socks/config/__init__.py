@@ -469,6 +469,7 @@ class DnsConfig(BaseModel):
     upstreams: list[str] = Field(default_factory=list)
     fake_range: list[Network] = Field(default_factory=lambda: list(_DEFAULT_FAKE_RANGE))
     fake_ttl: int = Field(default=10, ge=1, le=3600, strict=True)
+    fake_persist: bool | None = Field(default=None, strict=True)  # None: with route.auto
     real_domains: list[str] = Field(default_factory=list)
     hosts: dict[str, list[IPv4Address | IPv6Address]] = Field(default_factory=dict)
     cache: DnsCacheConfig = Field(default_factory=DnsCacheConfig)
