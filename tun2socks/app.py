@@ -33,6 +33,7 @@ from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.observe import api
 from tun2socks.outbound import direct, routing, socks5
 from tun2socks.outbound.dialer import Dialer, DialError
+from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.outbound.socks5_wire import ReplyCode
 from tun2socks.relay import Relay
 from tun2socks.udp_relay import UdpRelay
@@ -79,11 +80,15 @@ class Engine:
                 reassembly_timeout=settings.limits.reassembly_timeout,
             )
         )
-        self.proxy = socks5.ProxyEndpoint.from_config(settings.proxy)
+        self._proxy = socks5.ProxyEndpoint.from_config(settings.proxy)
         # Keeps an outbound socket out of the TUN (route.mark / route.bind_interface), or None.
         self.protect_socket = direct.protector(settings.route.mark, settings.route.bind_interface)
+        self.failovers: dict[str, FailoverDialer] = {}  # proxy settings that list several URLs
         self.dialer: Dialer = routing.build_dialer(
-            settings, self.proxy, self.protect_socket, lambda address: self.domain_lookup(address)
+            settings,
+            self.protect_socket,
+            lambda address: self.domain_lookup(address),
+            self.failovers,
         )
         # UDP through SOCKS5 UDP ASSOCIATE (or refused, as udp.when_unsupported says).
         self.udp_relay = UdpRelay(self, prepare_socket=self.protect_socket)
@@ -93,12 +98,20 @@ class Engine:
         self.stats_sources: dict[str, Callable[[], dict[str, int]]] = {}
         self.stats_sources["udp"] = self.udp_relay.stats
         self.stats_sources["ip"] = self.stack.ip_stats
+        for name, failover in self.failovers.items():
+            self.stats_sources[f"proxy_{name}"] = failover.stats
         self.relays: dict[int, Relay] = {}
         self.upstream_errors: Counter[str] = Counter()  # flows refused, by cause (for the API)
         self.finished_bytes_up = self.finished_bytes_down = 0  # of relays that are gone
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
+
+    @property
+    def proxy(self) -> socks5.ProxyEndpoint:
+        """The default proxy; with failover the one in use now (UDP associations follow it)."""
+        failover = self.failovers.get("default")
+        return failover.proxy if failover is not None else self._proxy
 
     def start(self) -> None:
         self.device.start(self.loop, self.on_packets)
@@ -279,6 +292,8 @@ async def _serve(settings: Settings, device: TunDevice) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         engine.close()
+        for failover in engine.failovers.values():
+            await failover.close()
         if dns is not None:
             await dns.close()
         if observer is not None:

@@ -62,7 +62,9 @@ class Engine(Protocol):
     settings: Settings
     stack: Stack
     loop: asyncio.AbstractEventLoop
-    proxy: ProxyEndpoint
+
+    @property
+    def proxy(self) -> ProxyEndpoint: ...  # read at each association: it follows failover
 
     def send_datagram(
         self, src: IPAddress, src_port: int, dst: IPAddress, dst_port: int, payload: bytes

@@ -43,6 +43,7 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     SecretStr,
+    StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -147,27 +148,62 @@ class _ProxyEndpoint:
     password: SecretStr | None = field(repr=False)
 
 
+MAX_FAILOVER_PROXIES = 16
+
+
 class ProxyConfig(BaseModel):
     model_config = _MODEL_CONFIG
 
-    url: str = Field(strict=True)  # as written, may hold ${VAR}; never log it
+    # As written, may hold ${VAR}; never log it. A list: failover, the first that works
+    # (tun2socks.outbound.failover).
+    url: StrictStr | list[StrictStr]
     connect_timeout: float = Field(default=10.0, gt=0, strict=True, allow_inf_nan=False)
     pipeline: bool = Field(default=False, strict=True)  # greeting, auth, request in one write
 
     _endpoint: _ProxyEndpoint = PrivateAttr()
 
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_shape(cls, url: object) -> object:
+        if isinstance(url, str) or (isinstance(url, list) and all(isinstance(u, str) for u in url)):
+            return url
+        raise ValueError(f"must be a proxy URL or a list of them{_got(url)}")
+
     @field_validator("url")
     @classmethod
-    def _check_url(cls, url: str) -> str:
+    def _check_url(cls, url: str | list[str]) -> str | list[str]:
         # Parsed here so that errors carry the location of proxy.url, and again below to keep
         # the result: a field validator cannot store it on the instance.
-        _parse_proxy_url(url, os.environ)
+        if isinstance(url, list):
+            if not 1 <= len(url) <= MAX_FAILOVER_PROXIES:
+                raise ValueError(f"must list 1 to {MAX_FAILOVER_PROXIES} proxy URLs")
+            for number, item in enumerate(url):
+                try:
+                    _parse_proxy_url(item, os.environ)
+                except ValueError as exc:
+                    raise ValueError(f"entry {number}: {exc}") from None
+        else:
+            _parse_proxy_url(url, os.environ)
         return url
 
     @model_validator(mode="after")
     def _keep_endpoint(self) -> Self:
-        self._endpoint = _parse_proxy_url(self.url, os.environ)
+        self._endpoint = _parse_proxy_url(self.urls[0], os.environ)
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs as written, in failover order."""
+        return list(self.url) if isinstance(self.url, list) else [self.url]
+
+    def entries(self) -> list["ProxyConfig"]:
+        """One ProxyConfig per URL, in failover order (just this one for a single URL)."""
+        if isinstance(self.url, str):
+            return [self]
+        return [
+            ProxyConfig(url=url, connect_timeout=self.connect_timeout, pipeline=self.pipeline)
+            for url in self.url
+        ]
 
     @property
     def scheme(self) -> str:

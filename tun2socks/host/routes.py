@@ -240,7 +240,8 @@ class Host:
         return routes
 
     def _proxy_addresses(self) -> list[IPv4Address | IPv6Address]:
-        hosts = [self.settings.proxy.host, *(p.host for p in self.settings.proxies.values())]
+        configs = [self.settings.proxy, *self.settings.proxies.values()]
+        hosts = [entry.host for config in configs for entry in config.entries()]  # failover too
         found: dict[IPv4Address | IPv6Address, None] = {}
         for host in hosts:
             try:

@@ -19,10 +19,11 @@ from tun2socks.net.events import FlowRequested
 from tun2socks.outbound import socks5
 from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
 from tun2socks.outbound.direct import DirectDialer
+from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.rules import Action, Decision, RuleSet
 
 if TYPE_CHECKING:
-    from tun2socks.config import Settings
+    from tun2socks.config import ProxyConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +88,35 @@ def _target(host: str | IPAddress, port: int) -> str:
     return socks5.format_host_port(host, port)
 
 
+def proxy_dialer(config: ProxyConfig, protect: socks5.SocketHook | None) -> Socks5Dialer:
+    """The dialer of one proxy setting: a FailoverDialer when its url lists several."""
+    dialers = [
+        Socks5Dialer(
+            socks5.ProxyEndpoint.from_config(entry),
+            timeout=entry.connect_timeout,
+            prepare_socket=protect,
+            pipeline=entry.pipeline,
+        )
+        for entry in config.entries()
+    ]
+    return dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
+
+
 def build_dialer(
     settings: Settings,
-    proxy: socks5.ProxyEndpoint,
     protect: socks5.SocketHook | None,
     domain_lookup: Callable[[IPAddress], str | None],
+    failovers: dict[str, FailoverDialer],
 ) -> Dialer:
     """The engine's dialer: the plain SOCKS5 dialer when there are no rules and no named
-    proxies, the rule dialer otherwise. `domain_lookup` is called at dial time."""
-    default = Socks5Dialer(
-        proxy,
-        timeout=settings.proxy.connect_timeout,
-        prepare_socket=protect,
-        pipeline=settings.proxy.pipeline,
-    )
+    proxies, the rule dialer otherwise. `domain_lookup` is called at dial time. Each proxy
+    setting that lists several URLs is entered in `failovers` ("default" or its name)."""
+    default = proxy_dialer(settings.proxy, protect)
+    named = {name: proxy_dialer(config, protect) for name, config in settings.proxies.items()}
+    for name, dialer in [("default", default), *named.items()]:
+        if isinstance(dialer, FailoverDialer):
+            failovers[name] = dialer
     if not settings.rules and not settings.proxies:
         return default
-    named = {
-        name: Socks5Dialer(
-            socks5.ProxyEndpoint.from_config(config),
-            timeout=config.connect_timeout,
-            prepare_socket=protect,
-            pipeline=config.pipeline,
-        )
-        for name, config in settings.proxies.items()
-    }
     direct = DirectDialer(timeout=settings.proxy.connect_timeout, protect=protect)
     return RuleDialer(RuleSet.from_settings(settings.rules), default, named, direct, domain_lookup)
