@@ -325,6 +325,7 @@ def run(settings: Settings, *, user: str | None = None) -> int:
     try:
         device = host.open_device()
         host.setup()
+        host.watch()  # network changes: the proxy's host route follows the uplink
     except (DeviceError, system.SetupError) as exc:
         log.error("%s", exc)
         host.close()

@@ -48,6 +48,7 @@ from tun2socks.device import DeviceError, TunDevice
 from tun2socks.host import resolver as system_dns
 from tun2socks.host import strict
 from tun2socks.host.state import Change, StateError, StateFile
+from tun2socks.host.watch import NetlinkWatcher, ProxyRouteKeeper
 
 if TYPE_CHECKING:
     from tun2socks.config import Settings
@@ -79,6 +80,8 @@ class Host:
         self.state: StateFile | None = None
         self.device: TunDevice | None = None
         self.handover = strict.Handover()  # route.strict: the block taken over from a crash
+        self.proxy_routes: list[Change] = []  # the host-route way: kept current by `watch`
+        self.watcher: NetlinkWatcher | None = None
 
     @property
     def changes_system(self) -> bool:
@@ -182,6 +185,7 @@ class Host:
                     )
         for args in host_routes:
             self._add(ipr, "route", **args)
+            self.proxy_routes.append({"kind": "route", "args": args})
         # The last rule switches the traffic over; restore removes it first.
         for family in ruled:
             if route.mark:
@@ -305,6 +309,14 @@ class Host:
             assert self.state is not None
             self.state.forget(change)
 
+    def watch(self) -> None:
+        """Follow network changes while running (tun2socks.host.watch): a thread, until close."""
+        if self.state is None or not self.proxy_routes or self.watcher is not None:
+            return
+        keeper = ProxyRouteKeeper(self.state, self.proxy_routes)
+        self.watcher = NetlinkWatcher(keeper.refresh)
+        self.watcher.start()
+
     # ------------------------------------------------------------------ tear down
 
     def restore(self) -> list[str]:
@@ -326,6 +338,9 @@ class Host:
     def close(self, *, failed: bool = False) -> None:
         """Undo the host changes, close the device, release the lock. With route.strict, a
         failed run keeps them all, as a killed one would: traffic stays blocked."""
+        if self.watcher is not None:  # before the record is read or undone
+            self.watcher.stop()
+            self.watcher = None
         try:
             if failed and self.route.strict and self.state is not None and self.state.changes:
                 log.error(

@@ -20,6 +20,7 @@ from tun2socks.outbound import socks5
 from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
 from tun2socks.outbound.direct import DirectDialer
 from tun2socks.outbound.failover import FailoverDialer
+from tun2socks.outbound.loop_guard import LoopGuard
 from tun2socks.rules import Action, Decision, RuleSet
 
 if TYPE_CHECKING:
@@ -103,6 +104,22 @@ def proxy_dialer(config: ProxyConfig, protect: socks5.SocketHook | None) -> Sock
 
 
 def build_dialer(
+    settings: Settings,
+    protect: socks5.SocketHook | None,
+    domain_lookup: Callable[[IPAddress], str | None],
+    failovers: dict[str, FailoverDialer],
+) -> Dialer:
+    """The rules' dialer (`rule_dialer`), behind a LoopGuard in the host-route way."""
+    dialer = rule_dialer(settings, protect, domain_lookup, failovers)
+    route = settings.route
+    if route.auto and not (route.mark or route.bind_interface):
+        configs = [settings.proxy, *settings.proxies.values()]
+        endpoints = [(e.host, e.port) for config in configs for e in config.entries()]
+        return LoopGuard(dialer, endpoints)
+    return dialer
+
+
+def rule_dialer(
     settings: Settings,
     protect: socks5.SocketHook | None,
     domain_lookup: Callable[[IPAddress], str | None],
