@@ -48,7 +48,7 @@ from tun2socks.device import DeviceError, TunDevice
 from tun2socks.host import resolver as system_dns
 from tun2socks.host import strict
 from tun2socks.host.state import Change, StateError, StateFile
-from tun2socks.host.watch import NetlinkWatcher, ProxyRouteKeeper
+from tun2socks.host.watch import NetlinkWatcher, ProxyRouteKeeper, best_route, main_routes
 
 if TYPE_CHECKING:
     from tun2socks.config import Settings
@@ -218,14 +218,19 @@ class Host:
                 continue
             try:
                 reply = ipr.route("get", dst=str(address))[0]
+                kind, oif = reply["type"], reply.get_attr("RTA_OIF")
+                gateway = reply.get_attr("RTA_GATEWAY")
             except NetlinkError as exc:
-                raise SetupError(
-                    f"no route to the proxy {address} ({_reason(exc)}): route.auto keeps its "
-                    "path, so it needs one (or set route.mark or route.bind_interface)"
-                ) from None
-            if reply["type"] == RTN_LOCAL:
+                # A strict run's block still in place answers "unreachable": ask main alone.
+                path = best_route(main_routes(ipr, family), address) if self.handover else None
+                if path is None:
+                    raise SetupError(
+                        f"no route to the proxy {address} ({_reason(exc)}): route.auto keeps "
+                        "its path, so it needs one (or set route.mark or route.bind_interface)"
+                    ) from None
+                kind, oif, gateway = path.type, path.oif, path.gateway
+            if kind == RTN_LOCAL:
                 continue  # an address of this host: the local table wins before our rules
-            oif = reply.get_attr("RTA_OIF")
             if oif == index:
                 raise SetupError(
                     f"the proxy {address} is already routed into {device}: "
@@ -237,7 +242,6 @@ class Host:
                 "oif": oif,
                 "table": self.route.table,
             }
-            gateway = reply.get_attr("RTA_GATEWAY")
             if gateway:
                 args["gateway"] = gateway
             routes.append(args)

@@ -102,6 +102,10 @@ class Handover:
         """True when `change` was inherited (already made and recorded): now it is ours."""
         return self._pending.pop(_key(change), None) is not None
 
+    def __bool__(self) -> bool:
+        """Whether inherited changes wait to be claimed."""
+        return bool(self._pending)
+
     def unclaimed(self) -> list[Change]:
         """Inherited changes this run did not make again (e.g. the proxy moved): to undo."""
         found = list(self._pending.values())

@@ -157,18 +157,22 @@ class NetlinkWatcher:
         try:
             with IPRoute() as events, IPRoute() as ipr:
                 events.bind(groups=GROUPS)
+                self._react(ipr)  # what changed before we listened (e.g. while we were down)
                 while not self._stop.is_set():
                     if not self._drain(events, POLL_S):
                         continue
                     while self._drain(events, SETTLE_S):  # until it is quiet for a moment
                         if self._stop.is_set():
                             return
-                    try:
-                        self.on_change(ipr)
-                    except Exception:  # keep watching: the next change may be repairable
-                        log.exception("reacting to a network change failed")
+                    self._react(ipr)
         except Exception:
             log.exception("the netlink watcher stopped")
+
+    def _react(self, ipr: Any) -> None:
+        try:
+            self.on_change(ipr)
+        except Exception:  # keep watching: the next change may be repairable
+            log.exception("reacting to a network change failed")
 
     @staticmethod
     def _drain(events: Any, timeout: float) -> bool:
