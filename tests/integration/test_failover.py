@@ -197,3 +197,41 @@ def test_kill_9_of_the_first_proxy_under_20_looping_clients(
     assert failover_stats["p0_up"] == 1 and failover_stats["p0_failures"] >= 1
     assert failover_stats["active"] == 0 and failover_stats["p0_last_change_unix"] > 0
     print(f"failover: {len(rows)} connections, p99 connect after the kill {connect_p99:.3f} s")
+
+
+def test_a_silent_proxy_is_passed_over_after_the_attempt_timeout_and_probed_back(
+    dns_bed: bedlib.Bed, proxies: tuple[Danted, Danted], request: pytest.FixtureRequest
+) -> None:
+    """SIGSTOP: the kernel still accepts TCP for danted, but no SOCKS5 answer comes. The flow
+    waits ATTEMPT_TIMEOUT_S (3 s) on the first proxy, then goes through the second; the next
+    flows go to the second at once; after SIGCONT the probe brings the first one back."""
+    first, second = proxies
+    artifacts = RUN_DIR / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    extra = {"proxy": {"url": [first.url, second.url]}, "log": {"level": "info"}}
+    t2s = dns_bed.start_tun2socks(artifacts / "tun2socks.log", extra=extra)
+    request.node.stash[conftest.STARTED_KEY] = [t2s]
+    url = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/peer"
+
+    def timed_peer() -> tuple[float, str]:
+        began = time.monotonic()
+        proc = dns_bed.run_cli(["curl", "-sS", "--max-time", "10", url], timeout=30)
+        return time.monotonic() - began, proc.stdout.strip() or proc.stderr.strip()
+
+    assert first.proc is not None
+    stopped = process_tree(first.proc.pid)
+    try:
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        took, peer = timed_peer()
+        assert peer == SECOND[1] and 2.5 < took < 6.0, (took, peer)  # one slower handshake
+        took, peer = timed_peer()
+        assert peer == SECOND[1] and took < 1.0, (took, peer)  # no wait any more
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + RECOVERY_S
+    while timed_peer()[1] != FIRST[1]:
+        assert time.monotonic() < deadline, t2s.log_tail()
+        time.sleep(0.2)
+    assert "no connection within 3 s" in t2s.log_text()
+    dns_bed.stop_tun2socks()
