@@ -35,7 +35,8 @@ HERE = Path(__file__).resolve().parent
 TABLE = 7280
 RESOLVER_PREFIX = "198.19.53."  # 20 resolver addresses, .1 to .20: inside the bed, off-link
 PROXY, LOCAL = bedlib.SRV_VETH_IP, bedlib.CLI_VETH_IP
-TUNNELLED = ("tcp", "tcp6")  # steps that succeed only through the proxy, or directly
+TUNNELLED = ("tcp", "tcp6")
+MARK = 0x2A  # steps that succeed only through the proxy, or directly
 
 
 def workload(bed: bedlib.Bed) -> dict[str, str]:
@@ -98,16 +99,28 @@ def uplink(bed: bedlib.Bed) -> Iterator[None]:
         bed.set_uplink(False)
 
 
-def route_config(artifact_dir: Path, strict: bool) -> dict[str, Any]:
-    route = {"auto": True, "strict": strict, "state_dir": str(artifact_dir / "state")}
+def route_config(artifact_dir: Path, strict: bool, way: str = "host_route") -> dict[str, Any]:
+    route: dict[str, Any] = {
+        "auto": True,
+        "strict": strict,
+        "state_dir": str(artifact_dir / "state"),
+    }
+    if way == "mark":
+        route["mark"] = MARK
     return {"route": route, "log": {"level": "info"}}
 
 
+@pytest.mark.parametrize("way", ["host_route", "mark"])
 def test_strict_nothing_leaves_but_to_the_proxy_while_serving_after_kill_9_and_across_restart(
-    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, artifact_dir: Path, uplink: None
+    bed: bedlib.Bed,
+    start_tun2socks: bedlib.StartTun2socks,
+    artifact_dir: Path,
+    uplink: None,
+    way: str,
 ) -> None:
     bed.stop_tun2socks()
-    t2s = start_tun2socks(routes=False, extra=route_config(artifact_dir, strict=True))
+    config = route_config(artifact_dir, strict=True, way=way)
+    t2s = start_tun2socks(routes=False, extra=config)
     assert peer(bed) == bedlib.TARGET_IP  # proxied: danted connects from the target's host
 
     # Serving: the workload works through the tunnel (TCP, IPv6 over the IPv4 proxy path).
@@ -134,7 +147,7 @@ def test_strict_nothing_leaves_but_to_the_proxy_while_serving_after_kill_9_and_a
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            t2s = start_tun2socks(routes=False, extra=route_config(artifact_dir, strict=True))
+            t2s = start_tun2socks(routes=False, extra=config)
             assert peer(bed) == bedlib.TARGET_IP
         finally:
             loop.terminate()
