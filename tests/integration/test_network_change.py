@@ -128,3 +128,36 @@ def test_new_flows_follow_the_default_route_to_another_uplink_and_back(
     down = run_cli_tool(bed, "down", "--state-dir", str(artifact_dir / "state"))
     assert down.returncode == 0, down.stderr
     assert snapshot(bed) == before
+
+
+def test_strict_restart_after_the_uplink_changed_while_tun2socks_was_dead(
+    bed: bedlib.Bed,
+    start_tun2socks: bedlib.StartTun2socks,
+    artifact_dir: Path,
+    two_uplinks: None,
+) -> None:
+    """route.strict keeps the block over the SIGKILL; meanwhile uplink 1 goes down (with the
+    proxy's host route) and the default moves to uplink 2. The next start takes the block
+    over, finds the proxy's new path in the main table (the kernel would answer through the
+    block: unreachable), and serves through uplink 2."""
+    bed.stop_tun2socks()
+    far_proxy = bed.start_far_proxy()
+    before = snapshot(bed)
+    route = {"auto": True, "strict": True, "state_dir": str(artifact_dir / "state")}
+    extra = {"route": route, "proxy": {"url": far_proxy}, "log": {"level": "info"}}
+    t2s = start_tun2socks(routes=False, extra=extra)
+    assert peer(bed) == bedlib.FAR_PROXY_IP
+    t2s.process.kill()
+    t2s.process.wait(10)
+    try:
+        ip_cli(bed, "link", "set", bedlib.CLI_VETH, "down")
+        ip_cli(bed, "route", "replace", "default", "via", SRV2_IP, "dev", CLI2)
+        assert peer(bed, max_time=2.0) == "failed"  # blocked, not direct
+        t2s = start_tun2socks(routes=False, extra=extra)
+        assert peer(bed) == bedlib.FAR_PROXY_IP
+        table = bed.run_cli(["ip", "route", "show", "table", str(TABLE)], timeout=10).stdout
+        assert f"{bedlib.FAR_PROXY_IP} via {SRV2_IP} dev {CLI2}" in table, table
+        assert t2s.stop() == 0
+    finally:
+        restore_uplink_1(bed)
+    assert snapshot(bed) == before

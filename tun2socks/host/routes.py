@@ -292,8 +292,11 @@ class Host:
         if self.handover.claim(change):
             return  # made by the crashed run before, and in our record since _lock
         self._record(change)
+        # A route of the crashed run in the same place (the proxy's, by another path since):
+        # take its place; _drop_unclaimed then finds the old one gone.
+        verb = "replace" if kind == "route" and self.handover else "add"
         try:
-            getattr(ipr, kind)("add", **args)
+            getattr(ipr, kind)(verb, **args)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST and kind == "rule":
                 assert self.state is not None
