@@ -35,6 +35,7 @@ from tun2socks.outbound import direct, routing, socks5
 from tun2socks.outbound.dialer import Dialer, DialError
 from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.outbound.socks5_wire import ReplyCode
+from tun2socks.path_watch import PathWatch
 from tun2socks.relay import Relay
 from tun2socks.udp_relay import UdpRelay
 from tun2socks_dns.install import install as install_dns
@@ -274,7 +275,9 @@ async def _serve(settings: Settings, device: TunDevice) -> int:
         loop.add_signal_handler(sig, stop.set)
     observer = None
     dns = None
+    paths = PathWatch(engine, loop)  # flows whose path went away are reset, not left hanging
     try:
+        paths.start()
         if settings.dns.enabled:  # before the first packet: UDP/53 and TCP/53 are its from then on
             dns = install_dns(engine, settings.dns)
         engine.start()
@@ -291,6 +294,7 @@ async def _serve(settings: Settings, device: TunDevice) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        paths.stop()
         engine.close()
         for failover in engine.failovers.values():
             await failover.close()

@@ -25,7 +25,14 @@ import select
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -182,3 +189,24 @@ class NetlinkWatcher:
             return False
         events.get()
         return True
+
+
+IFF_UP = 0x1
+DEAD_OPERSTATES = ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+
+
+def usable_addresses(ipr: Any) -> frozenset[str]:
+    """This host's addresses on links that are up (administratively and with a carrier):
+    the sources a connection can still use. A link that went down keeps its IPv4 address,
+    but nothing sent from it arrives any more."""
+    up = set()
+    for link in ipr.get_links():
+        if link["flags"] & IFF_UP and link.get_attr("IFLA_OPERSTATE") not in DEAD_OPERSTATES:
+            up.add(link["index"])
+    found = set()
+    for msg in ipr.get_addr():
+        if msg["index"] in up:
+            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if address:
+                found.add(str(ip_address(str(address).split("%", 1)[0])))
+    return frozenset(found)
