@@ -13,6 +13,7 @@ import logging
 import resource
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tun2socks.device import TunDevice
@@ -22,10 +23,13 @@ from tun2socks.host import privileges
 from tun2socks.host import routes as system
 from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.observe import api
-from tun2socks.outbound import direct, routing, socks5
-from tun2socks.outbound.dialer import Dialer, Socks5Dialer
+from tun2socks.outbound import direct, routing
+from tun2socks.outbound.dialer import Dialer
+from tun2socks.outbound.failover import FailoverDialer
+from tun2socks.path_watch import PathWatch
 from tun2socks.udp_relay import UdpRelay
 from tun2socks_dns import install as dns_parts
+from tun2socks_dns.fakeip_store import store_path
 
 if TYPE_CHECKING:
     from tun2socks.config import Settings
@@ -61,22 +65,24 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     port = DatagramPort(stack, loop)
     # Keeps an outbound socket out of the TUN (route.mark / route.bind_interface), or None.
     protect = direct.protector(settings.route.mark, settings.route.bind_interface)
-    proxy = socks5.ProxyEndpoint.from_config(settings.proxy)
-    socks = Socks5Dialer(
-        proxy,
-        timeout=settings.proxy.connect_timeout,
-        prepare_socket=protect,
-        pipeline=settings.proxy.pipeline,
-    )
+    # The default proxy's dialer; with several URLs a FailoverDialer, whose `proxy` is the
+    # proxy in use now (DNS upstreams and UDP associations follow it).
+    socks = routing.proxy_dialer(settings.proxy, protect)
+    named = {name: routing.proxy_dialer(c, protect) for name, c in settings.proxies.items()}
+    failovers = {
+        name: dialer
+        for name, dialer in [("default", socks), *named.items()]
+        if isinstance(dialer, FailoverDialer)
+    }
     resolver = dns_parts.build_resolver(settings.dns) if settings.dns.enabled else None
     domain_lookup = (
         dns_parts.domain_lookup(resolver, loop.time) if resolver is not None else no_domain_lookup
     )
-    rule_dialer = routing.build_dialer(settings, socks, protect, domain_lookup)
+    rule_dialer = routing.build_dialer(settings, socks, named, protect, domain_lookup)
     # UDP through SOCKS5 UDP ASSOCIATE (or refused, as udp.when_unsupported says).
     udp_relay = UdpRelay(
         settings.udp,
-        proxy,
+        lambda: socks.proxy,
         port,
         loop,
         timeout=settings.proxy.connect_timeout,
@@ -87,6 +93,7 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     udp: DatagramHandler = udp_relay
     udp_by_port: dict[int, DatagramHandler] = {}
     stats: dict[str, StatsSource] = {"udp": udp_relay.stats, "ip": stack.ip_stats}
+    stats.update({f"proxy_{name}": failover.stats for name, failover in failovers.items()})
     dns = None
     if resolver is not None:  # before the first packet: UDP/53 and TCP/53 are its from then on
         dns = dns_parts.build(
@@ -97,11 +104,13 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
             udp=udp_relay,
             port=port,
             mtu=device.mtu,
+            fake_store=_fake_store(settings, device.name),
         )
         dialer, udp = dns.dialer, dns.udp
         udp_by_port[dns_parts.DNS_PORT] = dns.forwarder
         stats["dns"] = dns.stats
-    parts = Collaborators(dialer, udp, udp_by_port, domain_lookup, stats, proxy.address)
+    dialer = routing.guard_loops(settings, dialer)
+    parts = Collaborators(dialer, udp, udp_by_port, domain_lookup, stats, socks.proxy.address)
     engine = Engine(stack, device, loop, port, parts)
     stop = asyncio.Event()
     if watch is not None:
@@ -110,7 +119,9 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     observer = None
+    paths = PathWatch(engine, loop)  # flows whose path went away are reset, not left hanging
     try:
+        paths.start()
         engine.start()
         observer = await api.start(engine, settings)  # the control API and the packet capture
         log.info(
@@ -125,8 +136,11 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        paths.stop()
         engine.close()
         udp_relay.close()
+        for failover in failovers.values():
+            await failover.close()
         if dns is not None:
             await dns.forwarder.close()
         if observer is not None:
@@ -158,17 +172,34 @@ def run(settings: Settings, *, user: str | None = None, watch: Watch | None = No
     try:
         device = host.open_device()
         host.setup()
+        host.watch()  # network changes: the proxy's host route follows the uplink
     except BaseException:  # DeviceError, SetupError: one line from the command line, exit 1
         host.close()
         raise
     # Plain asyncio: with Protocol-based I/O it measured as fast as uvloop or faster here
     # (bench/README.md), so there is no second event loop to depend on.
+    failed = True  # route.strict keeps its block after a crash (tun2socks.host.strict)
     try:
         if user is not None:
             keep = bool(settings.route.mark)  # SO_MARK needs CAP_NET_ADMIN
-            return privileges.run_as(
+            status = privileges.run_as(
                 user, lambda: asyncio.run(_serve(settings, device)), keep_net_admin=keep
             )
-        return asyncio.run(_serve(settings, device, watch))
+        else:
+            status = asyncio.run(_serve(settings, device, watch))
+        failed = status != 0
+        return status
+    except KeyboardInterrupt:
+        failed = False  # a signal before the loop took over: a deliberate stop
+        raise
     finally:
-        host.close()
+        host.close(failed=failed)
+
+
+def _fake_store(settings: Settings, device: str) -> Path | None:
+    """Where fake-IP mappings outlive a restart: with dns.fake_persist, by default with
+    route.auto (its state_dir is in use then)."""
+    persist = settings.dns.fake_persist
+    if not (settings.route.auto if persist is None else persist):
+        return None
+    return store_path(settings.route.state_dir, device)

@@ -87,13 +87,15 @@ def _run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     if args.user is not None:
         check_user(args.user)
-    if settings.proxy.password is not None:
-        logs.register_secret(settings.proxy.password.get_secret_value())
+    for entry in settings.proxy.entries():  # each failover URL
+        if entry.password is not None:
+            logs.register_secret(entry.password.get_secret_value())
     if settings.api.token is not None:
         logs.register_secret(settings.api.token.get_secret_value())
     for named in settings.proxies.values():
-        if named.password is not None:
-            logs.register_secret(named.password.get_secret_value())
+        for entry in named.entries():
+            if entry.password is not None:
+                logs.register_secret(entry.password.get_secret_value())
     logs.setup(settings.log)
     warnings = exposure.command_line_warnings([args.proxy or "", *args.overrides])
     if args.config is not None:

@@ -136,7 +136,11 @@ class Relay(asyncio.Protocol):
         if not self._eof_sent and not self._upstream_paused and stack.at_eof(self.flow_id):
             self._eof_sent = True
             if transport.can_write_eof():
-                transport.write_eof()  # half-close maps to shutdown(SHUT_WR)
+                try:
+                    transport.write_eof()  # half-close maps to shutdown(SHUT_WR)
+                except OSError as exc:  # the upstream died right after connecting (ENOTCONN)
+                    log.info("%s: upstream gone at half-close: %s", self.describe(), exc)
+                    self.abort()
 
     def send_space_available(self) -> None:
         if self.transport is not None:

@@ -97,7 +97,7 @@ class UdpRelay:
     def __init__(
         self,
         config: UdpConfig,
-        proxy: ProxyEndpoint,
+        proxy: Callable[[], ProxyEndpoint],
         port: ClientPort,
         loop: asyncio.AbstractEventLoop,
         *,
@@ -105,13 +105,13 @@ class UdpRelay:
         prepare_socket: SocketHook | None = None,
         decide: Decide | None = None,
     ) -> None:
-        self.proxy = proxy
+        self.proxy = proxy  # read at each association: it follows failover
         self.port = port
         self.loop = loop
         self.decide = decide
         self.enabled = config.enabled
         # An HTTP proxy has CONNECT only (RFC 9110 section 9.3.6): no UDP, whatever we ask.
-        self.proxy_carries_udp = proxy.scheme != "http"
+        self.proxy_carries_udp = proxy().scheme != "http"
         self.refuse_with_icmp = config.when_unsupported == "unreachable"
         self.timeout = timeout
         # Protects the sockets to the proxy from routing back into the TUN (SO_MARK, ...).
@@ -201,7 +201,7 @@ class UdpRelay:
     async def _associate(self, session: _Session) -> None:
         try:
             association = await associate(
-                self.proxy,
+                self.proxy(),
                 timeout=self.timeout,
                 prepare_socket=self.prepare_socket,
                 on_datagram=lambda host, port, data: self._reply(session, host, port, data),

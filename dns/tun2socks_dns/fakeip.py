@@ -13,6 +13,10 @@ ATYP=DOMAINNAME, so the proxy resolves the name and the real address is never ne
   another name would send its connections to the wrong host. When every mapping is that
   fresh, ``allocate`` raises ``PoolExhausted`` (the forwarder answers SERVFAIL).
 - The network address and, for IPv4, the broadcast address are never handed out.
+- ``snapshot`` and ``restore`` carry the mappings over a restart (fakeip_store.py writes them
+  to ``route.state_dir``): an application that resolved a name before still reaches that name
+  after. Ages are kept as idle times, so the clock of the next run (monotonic, started anew)
+  does not matter; ``changes`` counts new mappings, so that the store writes only when needed.
 
 Pure: time is an argument.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -50,6 +55,7 @@ class FakeIpPool:
         self._next_unused = first
         self._by_name: dict[str, int] = {}
         self._by_address: OrderedDict[int, _Mapping] = OrderedDict()  # least recently used first
+        self.changes = 0  # new mappings made (or restored) so far
 
     @property
     def version(self) -> int:
@@ -73,6 +79,7 @@ class FakeIpPool:
             number = self._free_address(now)
             self._by_name[name] = number
             self._by_address[number] = _Mapping(name, now)
+            self.changes += 1
         else:
             self._touch(number, now)
         return IPv6Address(number) if self.version == 6 else IPv4Address(number)
@@ -113,6 +120,54 @@ class FakeIpPool:
         del self._by_address[number]
         del self._by_name[oldest.name]
         return number
+
+    def snapshot(self, now: float, limit: int) -> dict[str, Any]:
+        """The pool as JSON-ready data: at most ``limit`` mappings, the most recently used,
+        least recent first, each [offset in the network, name, seconds idle]."""
+        base = int(self.network.network_address)
+        mappings = [
+            [number - base, mapping.name, max(0.0, round(now - mapping.last_used, 3))]
+            for number, mapping in self._by_address.items()
+        ]
+        return {
+            "network": str(self.network),
+            "next": self._next_unused - base,
+            "mappings": mappings[-limit:] if limit > 0 else [],
+        }
+
+    def restore(self, data: object, now: float, elapsed: float) -> int:
+        """Take the mappings of a ``snapshot`` made ``elapsed`` seconds ago; how many were
+        taken. Data for another network, and malformed entries, are skipped: a file from an
+        older configuration must not map addresses outside the pool or crash the start."""
+        if not isinstance(data, dict) or data.get("network") != str(self.network):
+            return 0
+        base = int(self.network.network_address)
+        taken = 0
+        for entry in data.get("mappings") or []:
+            if not (isinstance(entry, list) and len(entry) == 3):
+                continue
+            offset, name, idle = entry
+            if not (isinstance(offset, int) and isinstance(name, str) and name):
+                continue
+            if not isinstance(idle, int | float) or idle < 0:
+                continue
+            number = base + offset
+            name = _normal(name)
+            if not self._first <= number <= self._last or name in self._by_name:
+                continue
+            if number in self._by_address:
+                continue
+            self._by_name[name] = number
+            self._by_address[number] = _Mapping(name, now - idle - max(0.0, elapsed))
+            taken += 1
+        # Entries came least recent first; a later allocation never reuses a restored address.
+        next_unused = data.get("next")
+        if isinstance(next_unused, int):
+            self._next_unused = max(self._next_unused, min(base + next_unused, self._last + 1))
+        if self._by_address:
+            self._next_unused = max(self._next_unused, max(self._by_address) + 1)
+        self.changes += taken
+        return taken
 
 
 def _normal(name: str) -> str:

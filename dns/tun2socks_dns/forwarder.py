@@ -26,7 +26,7 @@ import logging
 import secrets
 import socket
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
@@ -122,6 +122,7 @@ class DnsForwarder:
         self._send_datagram = send_datagram
         self._pending: dict[tuple[QuestionKey, IPAddress | None], list[tuple[Query, Deliver]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closers: list[Callable[[], Awaitable[None]]] = []
         self._warned: dict[str, float] = {}
 
     # ---------------------------------------------------------------- counters
@@ -390,7 +391,13 @@ class DnsForwarder:
         if not task.cancelled() and task.exception() is not None:
             log.error("dns: internal error", exc_info=task.exception())
 
+    def close_with(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await `closer` first in close() (a part built with the forwarder, e.g. its store)."""
+        self._closers.append(closer)
+
     async def close(self) -> None:
+        for closer in self._closers:
+            await closer()
         log.info("dns forwarder stopping", extra=kv(**self.stats()))
         for task in list(self._tasks):
             task.cancel()

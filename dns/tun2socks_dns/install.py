@@ -19,6 +19,7 @@ routed around the TUN.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .cache import CacheSettings, DnsCache
 from .dialer import DatagramHandler, DnsDialer, FakeAddressGuard
 from .doh import DohUpstream
 from .fakeip import FakeIpPool
+from .fakeip_store import FakeIpStore
 from .forwarder import DnsForwarder, ForwarderSettings
 from .hosts import DomainSet, StaticHosts
 from .resolver import Resolver
@@ -44,6 +46,7 @@ from .urls import DNS_PORT, UpstreamUrl, parse_upstream
 
 if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
+    from pathlib import Path
 
     from tun2socks.config import DnsConfig
     from tun2socks.engine import DatagramPort
@@ -105,9 +108,11 @@ def build(
     udp: DatagramHandler,
     port: DatagramPort,
     mtu: int,
+    fake_store: Path | None = None,
 ) -> DnsParts:
     """The forwarder and what goes in front of the engine's `dialer` and `udp` handler.
-    Upstreams are reached through `socks`; replies to clients go through `port`. Needs a
+    Upstreams are reached through `socks`; replies to clients go through `port`. With
+    `fake_store`, the fake-IP mappings are kept in that file across restarts. Needs a
     running event loop."""
     upstreams = [build_upstream(parse_upstream(url), socks, config) for url in config.upstreams]
     destinations = None
@@ -132,6 +137,12 @@ def build(
     )
     if config.mode == "fake-ip":
         udp = FakeAddressGuard(udp, port, forwarder)
+        if fake_store is not None:
+            pools = list(resolver.fake_pools.values())
+            store = FakeIpStore(fake_store, pools, asyncio.get_running_loop().time)
+            store.load()
+            store.start()
+            forwarder.close_with(store.close)
     return DnsParts(forwarder, DnsDialer(dialer, forwarder), udp, forwarder.stats)
 
 

@@ -251,6 +251,49 @@ def test_udp_to_a_fake_address_is_refused_not_relayed(dns_bed: bedlib.Bed, start
     assert stats["fake_udp_refused"] == 1
 
 
+@pytest.mark.parametrize(
+    ("stop", "persist"), [("sigterm", True), ("sigkill", True), ("sigterm", False)]
+)
+def test_fake_ip_mapping_survives_a_restart_and_the_proxy_sees_the_name(
+    dns_bed: bedlib.Bed, start: Start, artifact_dir: Path, stop: str, persist: bool
+) -> None:
+    """Issue 15, build 4: resolve in fake-ip mode, restart tun2socks (a clean stop, or a
+    SIGKILL after the batched write), connect to the fake address: danted gets the name
+    (ATYP=DOMAINNAME). The control, without persistence: the address means nothing now."""
+    artifacts = artifact_dir
+    state = artifacts / "state"
+    extra = {
+        "dns": {"mode": "fake-ip", "upstreams": [UPSTREAM], "fake_persist": persist},
+        "route": {"state_dir": str(state)},
+        "log": {"level": "debug"},
+    }
+    first = dns_bed.start_tun2socks(artifacts / "tun2socks-0.log", extra=extra)
+    fake = answers(dig(dns_bed, dnsbed.ZONE_NAME))[0]
+    assert fake.startswith("198.18.1"), fake
+    if stop == "sigkill":
+        store = next(iter(state.glob("*.fakeip")), None) if persist else None
+        deadline = time.monotonic() + 10  # the batched write comes within 2 s
+        while store is None or dnsbed.ZONE_NAME not in store.read_text():
+            assert time.monotonic() < deadline, "no batched write of the new mapping"
+            time.sleep(0.2)
+            store = next(iter(state.glob("*.fakeip")), None)
+        first.process.kill()
+        first.process.wait(10)
+    else:
+        assert dns_bed.stop_tun2socks() == 0
+    second = dns_bed.start_tun2socks(artifacts / "tun2socks-1.log", extra=extra)
+    by_name = danted_by_name(dns_bed)
+    proc = curl(dns_bed, f"http://{fake}:{bedlib.HTTP_PORT}/small")
+    if persist:
+        assert (proc.returncode, proc.stdout) == (0, SMALL_BODY), proc.stderr
+        assert danted_by_name(dns_bed) == by_name + 1  # CONNECT name.test, by name
+        assert "restored 1 fake-IP mappings" in second.log_text()
+    else:
+        assert proc.returncode == 7, proc  # refused: no name for that address any more
+        assert danted_by_name(dns_bed) == by_name
+        assert list(state.glob("*.fakeip")) == []
+
+
 # --- DNS over HTTPS ------------------------------------------------------------------------------
 
 

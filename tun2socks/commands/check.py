@@ -234,7 +234,11 @@ def run(args: argparse.Namespace) -> int:
     """Raises ConfigError for a bad configuration (exit 2); returns 1 if a probe failed."""
     target = parse_target(args.target)
     settings = load_settings(args.config, args.overrides)
-    proxies = [("default", settings.proxy), *settings.proxies.items()]
+    proxies = [
+        (name if len(config.urls) == 1 else f"{name} #{number + 1}", entry)
+        for name, config in [("default", settings.proxy), *settings.proxies.items()]
+        for number, entry in enumerate(config.entries())  # each failover URL on its own
+    ]
     for _, config in proxies:
         if config.password is not None:
             logs.register_secret(config.password.get_secret_value())

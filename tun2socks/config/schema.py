@@ -28,6 +28,7 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     SecretStr,
+    StrictStr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -93,27 +94,64 @@ class TunConfig(BaseModel):
         return int(self.name[5:]) if _FD_NAME.fullmatch(self.name) else None
 
 
+MAX_FAILOVER_PROXIES = 16
+
+
 class ProxyConfig(BaseModel):
     model_config = _MODEL_CONFIG
 
-    url: str = Field(strict=True)  # as written, may hold ${VAR}; never log it
+    # As written, may hold ${VAR}; never log it. A list: failover, the first that works
+    # (tun2socks.outbound.failover).
+    url: StrictStr | list[StrictStr]
     connect_timeout: float = Field(default=10.0, gt=0, strict=True, allow_inf_nan=False)
     pipeline: bool = Field(default=False, strict=True)  # greeting, auth, request in one write
 
     _endpoint: ParsedProxyUrl = PrivateAttr()
 
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_shape(cls, url: object) -> object:
+        if isinstance(url, str) or (isinstance(url, list) and all(isinstance(u, str) for u in url)):
+            return url
+        raise ValueError(f"must be a proxy URL or a list of them{echo(url)}")
+
     @field_validator("url")
     @classmethod
-    def _check_url(cls, url: str) -> str:
+    def _check_url(cls, url: str | list[str]) -> str | list[str]:
         # Parsed here so that errors carry the location of proxy.url, and again below to keep
         # the result: a field validator cannot store it on the instance.
-        parse_proxy_url(url, os.environ)
+        if isinstance(url, list):
+            if not 1 <= len(url) <= MAX_FAILOVER_PROXIES:
+                raise ValueError(f"must list 1 to {MAX_FAILOVER_PROXIES} proxy URLs")
+            for number, item in enumerate(url):
+                try:
+                    parsed = parse_proxy_url(item, os.environ)
+                except ValueError as exc:
+                    raise ValueError(f"entry {number}: {exc}") from None
+                if parsed.scheme == "http" and len(url) > 1:  # the probes speak SOCKS5
+                    raise ValueError(f"entry {number}: failover lists take socks5:// URLs only")
+        else:
+            parse_proxy_url(url, os.environ)
         return url
 
     @model_validator(mode="after")
     def _keep_endpoint(self) -> Self:
-        self._endpoint = parse_proxy_url(self.url, os.environ)
+        self._endpoint = parse_proxy_url(self.urls[0], os.environ)
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs as written, in failover order."""
+        return list(self.url) if isinstance(self.url, list) else [self.url]
+
+    def entries(self) -> list["ProxyConfig"]:
+        """One ProxyConfig per URL, in failover order (just this one for a single URL)."""
+        if isinstance(self.url, str):
+            return [self]
+        return [
+            ProxyConfig(url=url, connect_timeout=self.connect_timeout, pipeline=self.pipeline)
+            for url in self.url
+        ]
 
     @property
     def scheme(self) -> str:
@@ -305,6 +343,7 @@ class RouteConfig(BaseModel):
     table: int = Field(default=7280, ge=1, le=0xFFFFFFFF, strict=True)
     system_dns: bool = Field(default=False, strict=True)
     state_dir: str = Field(default="/run/tun2socks", min_length=1, strict=True)
+    strict: bool = Field(default=False, strict=True)  # the kill switch: tun2socks.host.strict
     # Per-user routing (uid_ranges.py): only these users' traffic goes into the TUN, or all
     # but theirs. One or the other.
     include_uids: list[UidRangeField] = Field(default_factory=list)
@@ -321,6 +360,12 @@ class RouteConfig(BaseModel):
             raise ValueError("include_uids and exclude_uids cannot be used together")
         if (self.include_uids or self.exclude_uids) and not self.auto:
             raise ValueError("include_uids and exclude_uids choose whom route.auto routes: set it")
+        return self
+
+    @model_validator(mode="after")
+    def _strict_needs_auto(self) -> Self:
+        if self.strict and not self.auto:
+            raise ValueError("strict: true needs auto: true (it guards the routes auto makes)")
         return self
 
     @field_validator("table")
@@ -432,6 +477,7 @@ class DnsConfig(BaseModel):
     upstreams: list[str] = Field(default_factory=list)
     fake_range: list[Network] = Field(default_factory=lambda: list(_DEFAULT_FAKE_RANGE))
     fake_ttl: int = Field(default=10, ge=1, le=3600, strict=True)
+    fake_persist: bool | None = Field(default=None, strict=True)  # None: with route.auto
     real_domains: list[str] = Field(default_factory=list)
     hosts: dict[str, list[IPv4Address | IPv6Address]] = Field(default_factory=dict)
     cache: DnsCacheConfig = Field(default_factory=DnsCacheConfig)

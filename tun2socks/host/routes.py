@@ -49,8 +49,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from tun2socks.device import DeviceError, TunDevice
 from tun2socks.errors import UserError
 from tun2socks.host import resolver as system_dns
-from tun2socks.host import uid_rules
+from tun2socks.host import strict, uid_rules
 from tun2socks.host.state import Change, StateError, StateFile
+from tun2socks.host.watch import NetlinkWatcher, ProxyRouteKeeper, best_route, main_routes
 
 if TYPE_CHECKING:
     from tun2socks.config import Settings
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("pyroute2").setLevel(logging.INFO)
 
 RULE_PRIORITY = 5200  # the fwmark rule; the next two follow. Below main's 32766, above 0.
+RULE_PRIORITIES = range(RULE_PRIORITY, RULE_PRIORITY + 3)
 MAIN_TABLE = 254  # linux/rtnetlink.h RT_TABLE_MAIN
 RTN_LOCAL = 2
 ALL_MARK_BITS = 0xFFFFFFFF
@@ -80,6 +82,9 @@ class Host:
         self.route = settings.route
         self.state: StateFile | None = None
         self.device: TunDevice | None = None
+        self.handover = strict.Handover()  # route.strict: the block taken over from a crash
+        self.proxy_routes: list[Change] = []  # the host-route way: kept current by `watch`
+        self.watcher: NetlinkWatcher | None = None
 
     @property
     def changes_system(self) -> bool:
@@ -122,9 +127,18 @@ class Host:
         if leftover is not None:
             pid = leftover.get("pid", "?")
             log.warning("undoing what an earlier run (pid %s) left on %s", pid, device)
-            for error in undo(leftover["changes"]):
+            kept: list[Change] = []
+            to_undo: list[Change] = leftover["changes"]
+            if self.route.strict and self.route.auto:
+                kept, to_undo = strict.split_leftover(to_undo, self.route.table, RULE_PRIORITIES)
+            for error in undo(to_undo):
                 log.warning("could not undo: %s", error)
-            state.remove()
+            if kept:
+                log.warning("route.strict: keeping its block in place until set up again")
+                state.adopt(kept)
+                self.handover = strict.Handover(kept)
+            else:
+                state.remove()
 
     def setup(self) -> None:
         """Routes, rules and resolver for the open device. Raises SetupError, after undoing
@@ -137,6 +151,7 @@ class Host:
                 index = _link_index(ipr, device.name)
                 if self.route.auto:
                     self._routes(ipr, device.name, index)
+                    self._drop_unclaimed(ipr)
                 if self.route.system_dns:
                     self._resolver(ipr, device.name, index)
         except NetlinkError as exc:
@@ -157,13 +172,19 @@ class Host:
         families = [socket.AF_INET]
         if _ipv6_enabled(device):
             families.append(socket.AF_INET6)
+        # route.strict guards IPv6 even when the TUN has none: it must not go around the TUN.
+        guarded = [socket.AF_INET, socket.AF_INET6] if route.strict else []
+        ruled = sorted(set(families) | set(guarded))
         protected = bool(route.mark or route.bind_interface)
         # Before any route of ours exists: where the proxies are reached now.
-        host_routes = [] if protected else self._proxy_routes(ipr, device, index, families)
+        host_routes = [] if protected else self._proxy_routes(ipr, device, index, ruled)
+        for args in strict.guard_routes(route.table, guarded):
+            self._add(ipr, "route", **args)
         for family in families:
             self._add(
                 ipr, "route", family=family, dst=DEFAULT_DST[family], oif=index, table=route.table
             )
+        for family in ruled:
             for net in route.exclude:
                 if _family(net.version) == family:
                     self._add(
@@ -171,8 +192,9 @@ class Host:
                     )
         for args in host_routes:
             self._add(ipr, "route", **args)
+            self.proxy_routes.append({"kind": "route", "args": args})
         # The last rule switches the traffic over; restore removes it first.
-        for family in families:
+        for family in ruled:
             if route.mark:
                 self._add(
                     ipr,
@@ -206,14 +228,19 @@ class Host:
                 continue
             try:
                 reply = ipr.route("get", dst=str(address))[0]
+                kind, oif = reply["type"], reply.get_attr("RTA_OIF")
+                gateway = reply.get_attr("RTA_GATEWAY")
             except NetlinkError as exc:
-                raise SetupError(
-                    f"no route to the proxy {address} ({_reason(exc)}): route.auto keeps its "
-                    "path, so it needs one (or set route.mark or route.bind_interface)"
-                ) from None
-            if reply["type"] == RTN_LOCAL:
+                # A strict run's block still in place answers "unreachable": ask main alone.
+                path = best_route(main_routes(ipr, family), address) if self.handover else None
+                if path is None:
+                    raise SetupError(
+                        f"no route to the proxy {address} ({_reason(exc)}): route.auto keeps "
+                        "its path, so it needs one (or set route.mark or route.bind_interface)"
+                    ) from None
+                kind, oif, gateway = path.type, path.oif, path.gateway
+            if kind == RTN_LOCAL:
                 continue  # an address of this host: the local table wins before our rules
-            oif = reply.get_attr("RTA_OIF")
             if oif == index:
                 raise SetupError(
                     f"the proxy {address} is already routed into {device}: "
@@ -225,14 +252,14 @@ class Host:
                 "oif": oif,
                 "table": self.route.table,
             }
-            gateway = reply.get_attr("RTA_GATEWAY")
             if gateway:
                 args["gateway"] = gateway
             routes.append(args)
         return routes
 
     def _proxy_addresses(self) -> list[IPv4Address | IPv6Address]:
-        hosts = [self.settings.proxy.host, *(p.host for p in self.settings.proxies.values())]
+        configs = [self.settings.proxy, *self.settings.proxies.values()]
+        hosts = [entry.host for config in configs for entry in config.entries()]  # failover too
         found: dict[IPv4Address | IPv6Address, None] = {}
         for host in hosts:
             try:
@@ -272,9 +299,14 @@ class Host:
 
     def _add(self, ipr: Any, kind: str, **args: Any) -> None:
         change: Change = {"kind": kind, "args": args}
+        if self.handover.claim(change):
+            return  # made by the crashed run before, and in our record since _lock
         self._record(change)
+        # A route of the crashed run in the same place (the proxy's, by another path since):
+        # take its place; _drop_unclaimed then finds the old one gone.
+        verb = "replace" if kind == "route" and self.handover else "add"
         try:
-            getattr(ipr, kind)("add", **args)
+            getattr(ipr, kind)(verb, **args)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST and kind == "rule":
                 assert self.state is not None
@@ -285,6 +317,22 @@ class Host:
             if exc.code == errno.EEXIST:
                 hint = f" (is table {self.route.table} used by another program? see route.table)"
             raise SetupError(f"cannot add {describe(change)}: {_reason(exc)}{hint}") from None
+
+    def _drop_unclaimed(self, ipr: Any) -> None:
+        """What a crashed strict run left that this set-up does not make (now ours: the
+        rules and routes this run needs are all in place)."""
+        for change in reversed(self.handover.unclaimed()):
+            _delete(ipr, change)
+            assert self.state is not None
+            self.state.forget(change)
+
+    def watch(self) -> None:
+        """Follow network changes while running (tun2socks.host.watch): a thread, until close."""
+        if self.state is None or not self.proxy_routes or self.watcher is not None:
+            return
+        keeper = ProxyRouteKeeper(self.state, self.proxy_routes)
+        self.watcher = NetlinkWatcher(keeper.refresh)
+        self.watcher.start()
 
     # ------------------------------------------------------------------ tear down
 
@@ -304,10 +352,19 @@ class Host:
                 state.remove()
         return errors
 
-    def close(self) -> None:
-        """Undo the host changes, close the device, release the lock."""
+    def close(self, *, failed: bool = False) -> None:
+        """Undo the host changes, close the device, release the lock. With route.strict, a
+        failed run keeps them all, as a killed one would: traffic stays blocked."""
+        if self.watcher is not None:  # before the record is read or undone
+            self.watcher.stop()
+            self.watcher = None
         try:
-            self.restore()
+            if failed and self.route.strict and self.state is not None and self.state.changes:
+                log.error(
+                    "route.strict: traffic stays blocked until `tun2socks down` or the next start"
+                )
+            else:
+                self.restore()
         finally:
             if self.device is not None:
                 self.device.close()

@@ -135,6 +135,11 @@ class StateFile:
         self.changes.append(change)
         self._save()
 
+    def adopt(self, changes: list[Change]) -> None:
+        """Take over changes of a killed run that stay in place (route.strict's block)."""
+        self.changes = list(changes)
+        self._save()
+
     def forget(self, change: Change) -> None:
         """Drop a change that turned out not to be ours (it existed before)."""
         self.changes.remove(change)

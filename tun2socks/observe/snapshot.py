@@ -102,7 +102,8 @@ def connections(
 def redacted_settings(settings: Settings) -> dict[str, Any]:
     """The settings as JSON data with every secret replaced by ``***``."""
     data = settings.model_dump(mode="json")
-    data["proxy"]["url"] = settings.proxy.redacted_url
+    entries = [entry.redacted_url for entry in settings.proxy.entries()]
+    data["proxy"]["url"] = entries[0] if isinstance(settings.proxy.url, str) else entries
     scrubbed = _scrub(data)
     assert isinstance(scrubbed, dict)
     return scrubbed

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 
 from tun2socks.net.events import FlowRequested
 from tun2socks.outbound import socks5
-from tun2socks.outbound.dialer import DialError, Socks5Dialer
+from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
 from tun2socks.outbound.direct import DirectDialer
+from tun2socks.outbound.failover import FailoverDialer
+from tun2socks.outbound.loop_guard import LoopGuard
 from tun2socks.rules import Action, Decision, RuleSet
 
 if TYPE_CHECKING:
-    from tun2socks.config import Settings
+    from tun2socks.config import ProxyConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +89,40 @@ def _target(host: str | IPAddress, port: int) -> str:
     return socks5.format_host_port(host, port)
 
 
+def proxy_dialer(config: ProxyConfig, protect: socks5.SocketHook | None) -> Socks5Dialer:
+    """The dialer of one proxy setting: a FailoverDialer when its url lists several."""
+    dialers = [
+        Socks5Dialer(
+            socks5.ProxyEndpoint.from_config(entry),
+            timeout=entry.connect_timeout,
+            prepare_socket=protect,
+            pipeline=entry.pipeline,
+        )
+        for entry in config.entries()
+    ]
+    return dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
+
+
 def build_dialer(
     settings: Settings,
     default: Socks5Dialer,
+    named: dict[str, Socks5Dialer],
     protect: socks5.SocketHook | None,
     domain_lookup: Callable[[IPAddress], str | None],
 ) -> Socks5Dialer | RuleDialer:
     """The engine's dialer: `default` (the default proxy's dialer) when there are no rules and
-    no named proxies, the rule dialer around it otherwise."""
+    no named proxies, the rule dialer around it and the `named` proxies' dialers otherwise."""
     if not settings.rules and not settings.proxies:
         return default
-    named = {
-        name: Socks5Dialer(
-            socks5.ProxyEndpoint.from_config(config),
-            timeout=config.connect_timeout,
-            prepare_socket=protect,
-            pipeline=config.pipeline,
-        )
-        for name, config in settings.proxies.items()
-    }
     direct = DirectDialer(timeout=settings.proxy.connect_timeout, protect=protect)
     return RuleDialer(RuleSet.from_settings(settings.rules), default, named, direct, domain_lookup)
+
+
+def guard_loops(settings: Settings, dialer: Dialer) -> Dialer:
+    """`dialer` behind a LoopGuard in the host-route way of route.auto (loop_guard.py)."""
+    route = settings.route
+    if route.auto and not (route.mark or route.bind_interface):
+        configs = [settings.proxy, *settings.proxies.values()]
+        endpoints = [(e.host, e.port) for config in configs for e in config.entries()]
+        return LoopGuard(dialer, endpoints)
+    return dialer

@@ -1,0 +1,235 @@
+"""Proxy failover (issue 15, build 1): two danted in the server namespace, `kill -9` of the first
+while 20 clients open new connections in a loop.
+
+Each danted connects out from its own address (``external:``), so the HTTP server's /peer
+names the proxy a request went through. The bed of this module serves DNS (dnsmasq on the
+target), reached only through the proxy: `dig` shows that DNS follows the failover too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration import apiclient, conftest, dnsbed
+from tests.integration import bed as bedlib
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        bool(bedlib.missing_requirements(dns=True)),
+        reason="needs " + ", ".join(bedlib.missing_requirements(dns=True)),
+    ),
+]
+
+HERE = Path(__file__).resolve().parent
+RUN_DIR = conftest.RUN_DIR.with_name(conftest.RUN_DIR.name + "-failover")
+FIRST, SECOND = (1090, "198.19.0.31"), (1091, "198.19.0.32")  # port, outgoing address
+CLIENTS = 20
+LOAD_S = 24.0
+KILL_AT_S, RESTART_AFTER_S = 3.0, 5.0
+RECOVERY_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def dns_bed() -> Iterator[bedlib.Bed]:
+    with bedlib.Bed(RUN_DIR / "bed", dns=True) as the_bed:
+        yield the_bed
+
+
+class Danted:
+    """One danted of the test, in the server namespace, that the test may SIGKILL."""
+
+    def __init__(self, bed: bedlib.Bed, port: int, external: str) -> None:
+        self.bed, self.port, self.external = bed, port, external
+        bed.run_srv(["ip", "addr", "replace", f"{external}/32", "dev", "lo"], timeout=10)
+        self.conf = bed.workdir / f"danted-failover-{port}.conf"
+        self.conf.write_text(
+            f"""logoutput: {bed.workdir / f"danted-failover-{port}.out"}
+internal: {bedlib.SRV_VETH_IP} port = {port}
+external: {external}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 198.18.0.0/15 to: 0/0 }}
+socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
+socks block {{ from: 0/0 to: 0/0 log: connect error }}
+"""
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"socks5://{bedlib.SRV_VETH_IP}:{self.port}"
+
+    def start(self) -> None:
+        danted = bedlib.which("danted") or "danted"
+        pid_file = self.bed.workdir / f"danted-failover-{self.port}.pid"
+        args = ["ip", "netns", "exec", self.bed.srv_ns, danted, "-f", str(self.conf)]
+        args += ["-p", str(pid_file), "-N", "2"]
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + bedlib.READY_TIMEOUT_S
+        while (
+            f"{bedlib.SRV_VETH_IP}:{self.port} "
+            not in self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout
+        ):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "danted not up"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL to danted and its children, all at once (no orderly goodbye)."""
+        assert self.proc is not None
+        for pid in process_tree(self.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+def process_tree(pid: int) -> list[int]:
+    tree = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            tree += process_tree(int(child))
+    return tree
+
+
+@pytest.fixture
+def proxies(dns_bed: bedlib.Bed) -> Iterator[tuple[Danted, Danted]]:
+    pair = (Danted(dns_bed, *FIRST), Danted(dns_bed, *SECOND))
+    try:
+        for danted in pair:
+            danted.start()
+        yield pair
+    finally:
+        for danted in pair:
+            danted.stop()
+
+
+def dig_answers(bed: bedlib.Bed) -> list[str]:
+    proc = bed.run_cli(
+        ["dig", f"@{dnsbed.CLIENT_RESOLVER}", "+time=2", "+tries=1", "+short", dnsbed.ZONE_NAME],
+        timeout=20,
+    )
+    return proc.stdout.split()
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def test_kill_9_of_the_first_proxy_under_20_looping_clients(
+    dns_bed: bedlib.Bed, proxies: tuple[Danted, Danted], request: pytest.FixtureRequest
+) -> None:
+    first, second = proxies
+    artifacts = RUN_DIR / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    extra = {
+        "proxy": {"url": [first.url, second.url]},
+        "dns": {"upstreams": [f"tcp://{bedlib.TARGET_IP}"], "cache": {"size": 0}},
+        "log": {"level": "info"},
+    }
+    t2s = dns_bed.start_tun2socks(artifacts / "tun2socks.log", extra=extra)
+    request.node.stash[conftest.STARTED_KEY] = [t2s]
+    try:
+        assert dig_answers(dns_bed) == [bedlib.TARGET_IP]
+        args = [*dns_bed.cli_prefix(), *bedlib.helper_command("failoverload")]
+        args += [bedlib.TARGET_IP, str(bedlib.HTTP_PORT), str(CLIENTS), str(LOAD_S)]
+        load = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(KILL_AT_S)
+        killed_at = time.time()
+        first.kill()
+        # DNS over TCP through the proxy, while the first one is gone.
+        digs: list[list[str]] = []
+        digger = threading.Thread(
+            target=lambda: digs.extend(dig_answers(dns_bed) for _ in range(4))
+        )
+        digger.start()
+        time.sleep(RESTART_AFTER_S)
+        first.start()
+        restarted_at = time.time()
+        digger.join(30)
+        out, _ = load.communicate(timeout=LOAD_S + 60)
+        stats = apiclient.call(dns_bed, "/stats").json()
+    finally:
+        dns_bed.stop_tun2socks()
+    assert digs == [[bedlib.TARGET_IP]] * 4, digs
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    before = [r for r in rows if r[0] + r[2] < killed_at]  # done before the kill
+    after = [r for r in rows if r[0] >= killed_at + 1.0]
+    assert before and {r[3] for r in before} == {FIRST[1]}, {r[3] for r in before}
+    failed = [r for r in after if str(r[3]).startswith("error")]
+    assert failed == [], failed[:5]
+    connect_p99 = p99([r[1] for r in rows if r[0] >= killed_at])
+    assert connect_p99 < 1.0, connect_p99
+    outage = [r for r in after if r[0] < restarted_at]
+    assert outage and {r[3] for r in outage} == {SECOND[1]}
+    recovered = [r for r in rows if r[0] >= restarted_at + RECOVERY_S]
+    assert recovered and {r[3] for r in recovered} == {FIRST[1]}, {r[3] for r in recovered}
+    log_text = t2s.log_text()
+    assert f"proxy {bedlib.SRV_VETH_IP}:{FIRST[0]} is down" in log_text
+    assert f"proxy {bedlib.SRV_VETH_IP}:{FIRST[0]} is up again" in log_text
+    failover_stats = stats["components"]["proxy_default"]
+    assert failover_stats["p0_up"] == 1 and failover_stats["p0_failures"] >= 1
+    assert failover_stats["active"] == 0 and failover_stats["p0_last_change_unix"] > 0
+    print(f"failover: {len(rows)} connections, p99 connect after the kill {connect_p99:.3f} s")
+
+
+def test_a_silent_proxy_is_passed_over_after_the_attempt_timeout_and_probed_back(
+    dns_bed: bedlib.Bed, proxies: tuple[Danted, Danted], request: pytest.FixtureRequest
+) -> None:
+    """SIGSTOP: the kernel still accepts TCP for danted, but no SOCKS5 answer comes. The flow
+    waits ATTEMPT_TIMEOUT_S (3 s) on the first proxy, then goes through the second; the next
+    flows go to the second at once; after SIGCONT the probe brings the first one back."""
+    first, second = proxies
+    artifacts = RUN_DIR / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    extra = {"proxy": {"url": [first.url, second.url]}, "log": {"level": "info"}}
+    t2s = dns_bed.start_tun2socks(artifacts / "tun2socks.log", extra=extra)
+    request.node.stash[conftest.STARTED_KEY] = [t2s]
+    url = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/peer"
+
+    def timed_peer() -> tuple[float, str]:
+        began = time.monotonic()
+        proc = dns_bed.run_cli(["curl", "-sS", "--max-time", "10", url], timeout=30)
+        return time.monotonic() - began, proc.stdout.strip() or proc.stderr.strip()
+
+    assert first.proc is not None
+    stopped = process_tree(first.proc.pid)
+    try:
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        took, peer = timed_peer()
+        assert peer == SECOND[1] and 2.5 < took < 6.0, (took, peer)  # one slower handshake
+        took, peer = timed_peer()
+        assert peer == SECOND[1] and took < 1.0, (took, peer)  # no wait any more
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + RECOVERY_S
+    while timed_peer()[1] != FIRST[1]:
+        assert time.monotonic() < deadline, t2s.log_tail()
+        time.sleep(0.2)
+    assert "no connection within 3 s" in t2s.log_text()
+    dns_bed.stop_tun2socks()
