@@ -200,7 +200,13 @@ def test_a_flow_whose_uplink_went_down_ends_with_a_reset_not_a_hang(
         # ~10 s later (cause not found yet), still far from a hang: TCP alone would
         # retransmit for minutes, and curl waits 60 s.
         assert took < 15.0, took
-        assert "reset 1 flows whose upstream path is gone" in t2s.log_text()
+        # Reset by the path watcher, or earlier by the upstream's own RST when the far side
+        # already saw the move: either way the client's flow ended with a reset.
+        log = t2s.log_text()
+        assert (
+            "reset 1 flows whose upstream path is gone" in log
+            or "upstream connection lost: [Errno 104]" in log
+        ), log
         assert peer(bed) == bedlib.FAR_PROXY_IP  # a new flow takes uplink 2
     finally:
         if download.poll() is None:
