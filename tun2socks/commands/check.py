@@ -54,7 +54,7 @@ DEFAULT_TARGET = "example.com:80"
 def add_parser(commands: Any) -> None:
     check = commands.add_parser(
         "check",
-        help="validate the config and probe each proxy",
+        help="validate the config and probe each proxy (TCP and UDP)",
         description="Validate the configuration, then probe each proxy: TCP connect, SOCKS5 "
         "greeting, authentication, CONNECT to the target; then UDP ASSOCIATE, and one line "
         "says what UDP will do (with --udp-target, after a datagram's round trip). "
