@@ -25,21 +25,17 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tun2socks",
-        description="A transparent proxy for what the routes send into a TUN device. TCP: each "
-        "connection is terminated by a user-space TCP/IP stack and carried through a SOCKS5 "
-        "proxy (or an HTTP proxy by CONNECT). UDP: each datagram goes through the SOCKS5 "
-        "proxy's UDP ASSOCIATE; when the proxy has none (microsocks, ssh -D, HTTP proxies) "
-        "UDP is refused with ICMP port unreachable or dropped (udp.when_unsupported). DNS: "
-        "queries to any address are answered by a built-in forwarder (cache, static hosts, "
-        "fake-IP mode) that asks upstream through the proxy. Rules may send flows directly "
-        "or block them. Start with `check` to test a configuration.",
+        description="A transparent proxy for a TUN device. TCP: a user-space stack ends each "
+        "connection and carries it through the SOCKS5 or HTTP proxy. UDP: through the "
+        "proxy's UDP ASSOCIATE, else refused (udp.when_unsupported). DNS: a built-in "
+        "forwarder answers, asking upstream through the proxy.",
     )
     parser.add_argument("--version", action="version", version=f"tun2socks {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
         "run",
-        help="open the TUN device and carry its TCP, UDP and DNS through the proxy",
+        help="carry the TUN's TCP, UDP and DNS through the proxy",
         description="Open (or attach to) the TUN device and relay what enters it until SIGINT "
         "or SIGTERM: TCP connections through the proxy, UDP datagrams through its UDP "
         "ASSOCIATE (or refused, as udp.when_unsupported says), DNS queries answered by the "

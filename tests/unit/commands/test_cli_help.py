@@ -15,11 +15,10 @@ def help_text(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 def test_top_level_help_describes_tcp_udp_and_dns(capsys: pytest.CaptureFixture[str]) -> None:
     text = help_text(capsys)
-    assert "TCP: each connection is terminated by a user-space TCP/IP stack" in text
-    assert "UDP: each datagram goes through the SOCKS5 proxy's UDP ASSOCIATE" in text
-    assert "refused with ICMP port unreachable or dropped (udp.when_unsupported)" in text
-    assert "DNS: queries to any address are answered by a built-in forwarder" in text
-    assert "carry its TCP, UDP and DNS through the proxy" in text
+    assert "TCP: a user-space stack ends each connection and carries it through" in text
+    assert "UDP: through the proxy's UDP ASSOCIATE, else refused (udp.when_unsupported)" in text
+    assert "DNS: a built-in forwarder answers, asking upstream through the proxy" in text
+    assert "carry the TUN's TCP, UDP and DNS through the proxy" in text
 
 
 def test_run_help_describes_tcp_udp_dns_and_the_start_up_line(
