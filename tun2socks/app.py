@@ -95,6 +95,15 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     udp_by_port: dict[int, DatagramHandler] = {}
     stats: dict[str, StatsSource] = {"udp": udp_relay.stats, "ip": stack.ip_stats}
     stats.update({f"proxy_{name}": failover.stats for name, failover in failovers.items()})
+    # The start-up summary and the proxy's comings and goings show at the default log level;
+    # `exec` (a watch) keeps its command's output clean and says them at info only.
+    announce = log if watch is not None else logging.getLogger(startup.SUMMARY_LOGGER)
+    # A failover list has probes of its own (FailoverDialer); a single proxy gets this one.
+    prober = None
+    if not isinstance(socks, FailoverDialer):
+        label = settings.proxy.redacted_url
+        prober = ProxyProber(socks.proxy, label, prepare_socket=protect, log=announce)
+        stats["proxy_reachability"] = prober.stats
     dns = None
     if resolver is not None:  # before the first packet: UDP/53 and TCP/53 are its from then on
         dns = dns_parts.build(
@@ -121,14 +130,6 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
             loop.add_signal_handler(sig, stop.set)
     observer = None
     paths = PathWatch(engine, loop)  # flows whose path went away are reset, not left hanging
-    # The start-up summary and the proxy's comings and goings show at the default log level;
-    # `exec` (a watch) keeps its command's output clean and says them at info only.
-    announce = log if watch is not None else logging.getLogger(startup.SUMMARY_LOGGER)
-    # A failover list has probes of its own (FailoverDialer); a single proxy gets this one.
-    prober = None
-    if not isinstance(socks, FailoverDialer):
-        label = settings.proxy.redacted_url
-        prober = ProxyProber(socks.proxy, label, prepare_socket=protect, log=announce)
     try:
         paths.start()
         engine.start()

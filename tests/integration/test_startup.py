@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import apiclient, helpers_danted
 from tests.integration import bed as bedlib
-from tests.integration import helpers_danted
 from tests.integration.httpserver import SMALL_BODY
 
 pytestmark = [
@@ -133,3 +133,6 @@ def test_summary_says_udp_yes_with_a_working_proxy(
     assert f"proxy {bed.proxy_url()} answered a probe in " in summary, summary
     assert "UDP through the proxy: yes (UDP ASSOCIATE accepted, relay " in summary, summary
     assert " warning " not in t2s.log_text(), t2s.log_text()
+    # /stats (and /metrics, `tun2socks status`) show the probe's view
+    probes = apiclient.get_json(bed, "/stats")["components"]["proxy_reachability"]
+    assert probes == {"reachable": 1, "probes": 1, "changes": 0}, probes
