@@ -127,10 +127,12 @@ async def probe_proxy(
 
 
 def _os_reason(exc: OSError) -> str:
-    """ "connection refused", not asyncio's "Connect call failed ('198.18.0.2', 1090)"."""
+    """The cause in words: "connection refused", not asyncio's "Connect call failed (...)"."""
     if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code
         return f"cannot resolve the proxy's name: {exc.strerror or exc}"
-    return (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__).lower()
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__  # our own messages (protect: "needs CAP_NET_ADMIN")
 
 
 async def _proxy_address(proxy: ProxyEndpoint) -> tuple[int, tuple[str, int]]:
