@@ -22,10 +22,11 @@ from tun2socks.engine import no_domain as no_domain_lookup
 from tun2socks.host import privileges
 from tun2socks.host import routes as system
 from tun2socks.net.stack import Stack, StackConfig
-from tun2socks.observe import api
+from tun2socks.observe import api, startup
 from tun2socks.outbound import direct, routing
 from tun2socks.outbound.dialer import Dialer
 from tun2socks.outbound.failover import FailoverDialer
+from tun2socks.outbound.reachability import ProxyProber
 from tun2socks.path_watch import PathWatch
 from tun2socks.udp_relay import UdpRelay
 from tun2socks_dns import install as dns_parts
@@ -94,6 +95,15 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     udp_by_port: dict[int, DatagramHandler] = {}
     stats: dict[str, StatsSource] = {"udp": udp_relay.stats, "ip": stack.ip_stats}
     stats.update({f"proxy_{name}": failover.stats for name, failover in failovers.items()})
+    # The start-up summary and the proxy's comings and goings show at the default log level;
+    # `exec` (a watch) keeps its command's output clean and says them at info only.
+    announce = log if watch is not None else logging.getLogger(startup.SUMMARY_LOGGER)
+    # A failover list has probes of its own (FailoverDialer); a single proxy gets this one.
+    prober = None
+    if not isinstance(socks, FailoverDialer):
+        label = settings.proxy.redacted_url
+        prober = ProxyProber(socks.proxy, label, prepare_socket=protect, log=announce)
+        stats["proxy_reachability"] = prober.stats
     dns = None
     if resolver is not None:  # before the first packet: UDP/53 and TCP/53 are its from then on
         dns = dns_parts.build(
@@ -124,19 +134,20 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
         paths.start()
         engine.start()
         observer = await api.start(engine, settings)  # the control API and the packet capture
-        log.info(
-            "tun2socks running: device %s mtu %d%s, proxy %s",
-            device.name,
-            device.mtu,
-            " with offloads" if device.offload else "",
-            settings.proxy.redacted_url,
-        )
+        probe = await prober.first_probe() if prober is not None else None
+        udp_verdict = await startup.udp_at_start(settings, socks.proxy, probe, protect)
+        facts = startup.DeviceFacts(device.name, device.mtu, device.offload)
+        announce.info("%s", startup.summary(settings, facts, probe, udp_verdict))
+        if prober is not None:
+            prober.start()
         await stop.wait()
         log.info("stopping: resetting %d open flows", len(engine.relays))
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         paths.stop()
+        if prober is not None:
+            await prober.close()
         engine.close()
         udp_relay.close()
         for failover in failovers.values():

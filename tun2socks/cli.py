@@ -25,17 +25,23 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tun2socks",
-        description="Send every TCP flow entering a TUN device through a SOCKS5 proxy.",
+        description="A transparent proxy for a TUN device. TCP: a user-space stack ends each "
+        "connection and carries it through the SOCKS5 or HTTP proxy. UDP: through the "
+        "proxy's UDP ASSOCIATE, else refused (udp.when_unsupported). DNS: a built-in "
+        "forwarder answers, asking upstream through the proxy.",
     )
     parser.add_argument("--version", action="version", version=f"tun2socks {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
         "run",
-        help="open the TUN device and relay its flows through the proxy",
-        description="Open (or attach to) the TUN device and relay its flows through the proxy "
-        "until SIGINT or SIGTERM. With route.auto it also routes all traffic into the device, "
-        "and undoes that on exit.",
+        help="carry the TUN's TCP, UDP and DNS through the proxy",
+        description="Open (or attach to) the TUN device and relay what enters it until SIGINT "
+        "or SIGTERM: TCP connections through the proxy, UDP datagrams through its UDP "
+        "ASSOCIATE (or refused, as udp.when_unsupported says), DNS queries answered by the "
+        "built-in forwarder through the proxy. With route.auto it also routes all traffic "
+        "into the device, and undoes that on exit. At start it prints one summary line and "
+        "warns at once when the proxy does not answer.",
         epilog="Precedence: defaults < -c FILE < --set < --device/--proxy/--log-level.",
     )
     run.add_argument("-c", "--config", metavar="FILE", help="YAML settings file")

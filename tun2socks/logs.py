@@ -30,7 +30,17 @@ from urllib.parse import quote
 
 from tun2socks.config import LogConfig
 
-__all__ = ["JsonFormatter", "TextFormatter", "kv", "redact", "register_secret", "setup"]
+SUMMARY_LOGGER = "tun2socks.summary"  # tun2socks.observe.startup logs there
+
+__all__ = [
+    "SUMMARY_LOGGER",
+    "JsonFormatter",
+    "TextFormatter",
+    "kv",
+    "redact",
+    "register_secret",
+    "setup",
+]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -148,3 +158,7 @@ def setup(log: LogConfig) -> None:
     handler.setFormatter(JsonFormatter() if log.format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(_LEVELS[log.level])
+    # The start-up summary and the proxy's comings and goings (info lines on this logger) show
+    # at the default level, warning, too; log.level error silences them.
+    summary_level = min(_LEVELS[log.level], logging.INFO) if log.level != "error" else logging.ERROR
+    logging.getLogger(SUMMARY_LOGGER).setLevel(summary_level)

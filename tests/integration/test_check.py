@@ -2,6 +2,8 @@
 
 Each case is one real failure a user meets: the wrong port, the wrong password, a proxy that
 refuses the target; and the working case. No tun2socks runs: `check` is its own client.
+Then the UDP line (issue 13 item 4): danted carries UDP (a datagram's round trip to the bed's
+UDP echo server), microsocks and `ssh -D` do not, and each says so in one line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 import yaml
 
 from tests.integration import bed as bedlib
+from tests.integration import sshbed
 
 pytestmark = [
     pytest.mark.integration,
@@ -36,6 +39,7 @@ def check(
     *,
     password: str | None = None,
     target: str = TARGET,
+    udp_target: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "check.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -43,6 +47,8 @@ def check(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env[bedlib.PASSWORD_ENV] = bed.socks_password if password is None else password
     command = [*bedlib.tun2socks_command(), "check", "-c", str(path), "--target", target]
+    if udp_target is not None:
+        command += ["--udp-target", udp_target]
     return subprocess.run(
         [*bed.cli_prefix(), *command],
         capture_output=True,
@@ -117,3 +123,69 @@ def test_check_reports_a_bad_config_with_status_2(bed: bedlib.Bed, tmp_path: Pat
     proc = check(bed, tmp_path, {"proxy": {"url": bed.proxy_url()}, "route": {"table": 254}})
     assert proc.returncode == 2
     assert "route.table: must not be one of the kernel's tables" in proc.stderr
+
+
+UDP_ECHO = f"{bedlib.TARGET_IP}:{bedlib.UDP_ECHO_PORTS[0]}"
+ICMP_REFUSAL = (
+    "UDP datagrams will be answered with ICMP port unreachable (udp.when_unsupported: unreachable)"
+)
+
+
+def udp_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in lines(proc) if line.startswith("UDP: ")]
+
+
+def test_check_udp_yes_with_a_round_trip_through_danted(bed: bedlib.Bed, tmp_path: Path) -> None:
+    bed.start_optional_servers(udp_echo=True)
+    config = {
+        "proxy": {"url": bed.proxy_url()},
+        "proxies": {"with-auth": {"url": bed.proxy_url(auth=True)}},
+    }
+    proc = check(bed, tmp_path, config, udp_target=UDP_ECHO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = udp_lines(proc)
+    assert len(found) == 2, proc.stdout
+    for line in found:
+        assert line.startswith(f"UDP: yes, relay {bedlib.SRV_VETH_IP}:"), line
+        assert f", round trip to {UDP_ECHO} in " in line, line
+    assert lines(proc)[-1] == "all checks passed"
+
+
+def test_check_udp_fails_when_the_datagram_gets_no_answer(bed: bedlib.Bed, tmp_path: Path) -> None:
+    silent = f"{bedlib.TARGET_IP}:7999"  # nothing listens there
+    config = {"proxy": {"url": bed.proxy_url(), "connect_timeout": 1.5}}
+    proc = check(bed, tmp_path, config, udp_target=silent)
+    assert proc.returncode == 1, proc.stdout
+    [line] = udp_lines(proc)
+    assert f"accepted, but no answer from {silent} within 1.5 s" in line, line
+    assert line.endswith("UDP datagrams will be sent to the proxy's relay and get no answer")
+
+
+def test_check_udp_no_against_microsocks(bed: bedlib.Bed, tmp_path: Path) -> None:
+    if bedlib.which("microsocks") is None:
+        pytest.skip("needs microsocks (Debian package microsocks)")
+    bed.start_optional_servers(microsocks=True)
+    config = {"proxy": {"url": f"socks5://{bedlib.SRV_VETH_IP}:{bedlib.MICROSOCKS_PORT}"}}
+    proc = check(bed, tmp_path, config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert udp_lines(proc) == [
+        "UDP: no, the proxy refuses UDP ASSOCIATE: command not supported (reply 7); " + ICMP_REFUSAL
+    ], proc.stdout
+    assert lines(proc)[-1] == "all checks passed; UDP is not carried by 1 of 1"
+
+
+def test_check_udp_no_against_ssh_dynamic_forwarding(bed: bedlib.Bed, tmp_path: Path) -> None:
+    if sshbed.missing():
+        pytest.skip("needs " + ", ".join(sshbed.missing()))
+    with sshbed.ssh_dynamic(bed) as url:
+        config = {"proxy": {"url": url}, "udp": {"when_unsupported": "drop"}}
+        proc = check(bed, tmp_path, config, udp_target=UDP_ECHO)
+    out = lines(proc)
+    assert any(step.startswith(f"pass  CONNECT {TARGET}: bound ") for step in out), out
+    [line] = udp_lines(proc)  # OpenSSH knows CONNECT only: it closes the connection
+    assert line.startswith(
+        "UDP: no, UDP ASSOCIATE failed: proxy closed the connection while waiting for the "
+        "UDP ASSOCIATE reply"
+    ), line
+    assert line.endswith("; UDP datagrams will be dropped silently (udp.when_unsupported: drop)")
+    assert proc.returncode == 1  # --udp-target asked for UDP

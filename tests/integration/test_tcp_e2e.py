@@ -180,8 +180,12 @@ def test_auth_with_wrong_password_fails_fast_and_logs_once(
     while not AUTH_FAILURE.search(t2s.log_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # a duplicate line would show up by now
+    bed.wait_for_log(t2s, "tun2socks running: ", 15)
     log = t2s.log_text()
+    # The start-up summary says it once too (its UDP probe logs in): flows add one line.
     lines = [line for line in log.splitlines() if AUTH_FAILURE.search(line)]
+    assert [line for line in lines if "tun2socks running: " in line], log
+    lines = [line for line in lines if "tun2socks running: " not in line]
     assert len(lines) == 1, f"expected one authentication failure line, got {lines}"
     assert wrong not in log
     assert bed.socks_password not in log

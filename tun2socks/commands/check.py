@@ -4,8 +4,11 @@ For the default proxy and every named one: TCP reachability, the SOCKS5 greeting
 authentication (RFC 1929, when credentials are configured) and a CONNECT to ``--target``; for an
 ``http://`` proxy: TCP reachability, the answer to CONNECT, authentication, the tunnel
 (``check_http.py``). Each
-step prints ``pass``, ``FAIL`` with the precise cause, or ``skip``; the exit status is 0 when
-everything passed, 1 when a step failed, 2 for a configuration error. The probe is a blocking
+step prints ``pass``, ``FAIL`` with the precise cause, or ``skip``. Then one line says what UDP
+will do (``outbound/udp_probe.py``: a UDP ASSOCIATE, and with ``--udp-target`` a datagram's
+round trip through it). The exit status is 0 when everything passed (a proxy without UDP is
+reported, not failed, unless ``--udp-target`` asked for UDP), 1 when a step failed, 2 for a
+configuration error. The probe is a blocking
 client written on our own sans-IO codec (``socks5_wire``), one message at a time, so that each
 answer is attributed to its step. Passwords are never printed.
 """
@@ -13,6 +16,7 @@ answer is attributed to its step. Passwords are never printed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -23,7 +27,7 @@ from tun2socks import logs
 from tun2socks.commands import check_http
 from tun2socks.config import ConfigError, load_settings
 from tun2socks.outbound.direct import protector
-from tun2socks.outbound.socks5 import SocketHook, format_host_port
+from tun2socks.outbound.socks5 import ProxyEndpoint, SocketHook, format_host_port
 from tun2socks.outbound.socks5_wire import (
     AUTH_REPLY_SIZE,
     METHOD_SELECTION_SIZE,
@@ -39,9 +43,10 @@ from tun2socks.outbound.socks5_wire import (
     parse_reply,
     reply_bytes_missing,
 )
+from tun2socks.outbound.udp_probe import UdpVerdict, describe, probe_udp
 
 if TYPE_CHECKING:
-    from tun2socks.config import ProxyConfig
+    from tun2socks.config import ProxyConfig, UdpConfig
 
 DEFAULT_TARGET = "example.com:80"
 
@@ -49,9 +54,11 @@ DEFAULT_TARGET = "example.com:80"
 def add_parser(commands: Any) -> None:
     check = commands.add_parser(
         "check",
-        help="validate the config and probe each proxy",
+        help="validate the config and probe each proxy (TCP and UDP)",
         description="Validate the configuration, then probe each proxy: TCP connect, SOCKS5 "
-        "greeting, authentication, CONNECT to the target. Exit 0 if all pass, 1 if not.",
+        "greeting, authentication, CONNECT to the target; then UDP ASSOCIATE, and one line "
+        "says what UDP will do (with --udp-target, after a datagram's round trip). "
+        "Exit 0 if all pass, 1 if not.",
     )
     check.add_argument("-c", "--config", metavar="FILE", required=True, help="YAML settings file")
     check.add_argument(
@@ -59,6 +66,12 @@ def add_parser(commands: Any) -> None:
         metavar="HOST:PORT",
         default=DEFAULT_TARGET,
         help=f"what each proxy is asked to CONNECT to (default {DEFAULT_TARGET})",
+    )
+    check.add_argument(
+        "--udp-target",
+        metavar="HOST:PORT",
+        help="a UDP echo server: one datagram goes there through each proxy's UDP relay and "
+        "must come back (without it, UDP ASSOCIATE alone is tried)",
     )
     check.add_argument(
         "--set",
@@ -176,9 +189,14 @@ class Probe:
 
 
 def probe(
-    name: str, config: ProxyConfig, target: tuple[str, int], protect: SocketHook | None
+    name: str,
+    config: ProxyConfig,
+    target: tuple[str, int],
+    protect: SocketHook | None,
+    udp: UdpCheck,
 ) -> bool:
-    """Probe one proxy, printing one line per step; True when every step passed."""
+    """Probe one proxy, printing one line per step and the UDP line; True when every step
+    passed (and, with a UDP target, the round trip)."""
     print(f"proxy {name}: {config.redacted_url}")
     attempt = Probe(config, config.connect_timeout, protect)
     target_text = format_host_port(*target)
@@ -219,20 +237,46 @@ def probe(
                     print(f"  FAIL  {title}: {exc}")
     finally:
         attempt.close()
-    return not failed
+    verdict = udp.verdict(config, protect, tcp_failed=failed)
+    print(f"  {describe(verdict, udp.config.when_unsupported)}")
+    udp.verdicts.append(verdict)
+    return not failed and (udp.target is None or verdict.carried is True)
 
 
-def parse_target(text: str) -> tuple[str, int]:
+@dataclass
+class UdpCheck:
+    """The UDP part of the check: the settings, the optional echo target, the verdicts."""
+
+    config: UdpConfig
+    target: tuple[str, int] | None
+    verdicts: list[UdpVerdict]
+
+    def verdict(
+        self, proxy: ProxyConfig, protect: SocketHook | None, *, tcp_failed: bool
+    ) -> UdpVerdict:
+        if not self.config.enabled:
+            return UdpVerdict(False, "udp.enabled is false")
+        if tcp_failed and proxy.scheme != "http":
+            return UdpVerdict(None, "an earlier step failed")
+        endpoint = ProxyEndpoint.from_config(proxy)
+        timeout = proxy.connect_timeout
+        return asyncio.run(
+            probe_udp(endpoint, timeout=timeout, prepare_socket=protect, target=self.target)
+        )
+
+
+def parse_target(text: str, option: str = "--target") -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--target {text}: must be HOST:PORT, like example.com:80 or [::1]:80")
+        raise ConfigError(f"{option} {text}: must be HOST:PORT, like example.com:80 or [::1]:80")
     return host, int(port)
 
 
 def run(args: argparse.Namespace) -> int:
     """Raises ConfigError for a bad configuration (exit 2); returns 1 if a probe failed."""
     target = parse_target(args.target)
+    udp_target = parse_target(args.udp_target, "--udp-target") if args.udp_target else None
     settings = load_settings(args.config, args.overrides)
     proxies = [
         (name if len(config.urls) == 1 else f"{name} #{number + 1}", entry)
@@ -245,9 +289,14 @@ def run(args: argparse.Namespace) -> int:
     counts = f"{len(proxies)} proxies, {len(settings.rules)} rules"
     print(f"pass  configuration {args.config}: valid, {counts}")
     protect = protector(settings.route.mark, settings.route.bind_interface)
-    results = [probe(name, config, target, protect) for name, config in proxies]
+    udp = UdpCheck(settings.udp, udp_target, [])
+    results = [probe(name, config, target, protect, udp) for name, config in proxies]
     if all(results):
-        print("all checks passed")
+        without_udp = sum(verdict.carried is not True for verdict in udp.verdicts)
+        if without_udp:
+            print(f"all checks passed; UDP is not carried by {without_udp} of {len(results)}")
+        else:
+            print("all checks passed")
         return 0
     print(f"{results.count(False)} of {len(results)} proxies failed")
     return 1

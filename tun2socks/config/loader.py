@@ -132,14 +132,7 @@ def _read_file(path: str) -> _Layers:
             _record_lines(node, (), path, layers.origins)
             layers.data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "syntax error"
-        if mark is None:
-            raise ConfigError(f"{path}: invalid YAML: {problem}") from None
-        line = mark.line + 1
-        raise ConfigError(
-            f"{path}:{line}:{mark.column + 1}: invalid YAML: {problem}", line=line
-        ) from None
+        raise _yaml_error(path, text, exc) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     finally:
@@ -155,6 +148,40 @@ def _read_file(path: str) -> _Layers:
             line=line,
         )
     return layers
+
+
+def _yaml_error(path: str, text: str, exc: yaml.MarkedYAMLError) -> ConfigError:
+    """One line located where the problem starts.
+
+    PyYAML marks the point where it gave up (``problem_mark``) and, for some errors, where the
+    construct it was reading began (``context_mark``). A token the scanner could not finish (an
+    unclosed quote, a key without ':') and a construct cut off by the end of the file (an
+    unclosed ``[``) start at the context mark: the problem mark is then a later line, or the end
+    of the file, which is no help. Otherwise (a misplaced key in a block mapping, whose context
+    is the mapping's first line) the problem mark is the precise one.
+    """
+    problem = exc.problem or exc.context or "syntax error"
+    mark = exc.problem_mark or exc.context_mark
+    if exc.context_mark is not None and exc.problem_mark is not None:
+        scanning = isinstance(exc, yaml.scanner.ScannerError)
+        if scanning or _at_end(text, exc.problem_mark):
+            if not _at_end(text, exc.problem_mark):
+                problem += f" at line {exc.problem_mark.line + 1}"
+            problem += f", {exc.context} that starts here"
+            mark = exc.context_mark
+    if mark is None:
+        return ConfigError(f"{path}: invalid YAML: {problem}")
+    line = mark.line + 1
+    return ConfigError(f"{path}:{line}:{mark.column + 1}: invalid YAML: {problem}", line=line)
+
+
+def _at_end(text: str, mark: yaml.Mark) -> bool:
+    """Whether `mark` is at the end of `text` (nothing but whitespace after it)."""
+    rest = text.split("\n")[mark.line :]
+    if not rest:
+        return True
+    rest[0] = rest[0][mark.column :]
+    return not "".join(rest).strip()
 
 
 def _record_lines(
