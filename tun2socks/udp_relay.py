@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Each client source endpoint (address, port) gets one session in the NAT table
-(`net/udp_nat.py`) and one SOCKS5 UDP association (`outbound/socks5_udp.py`), whatever the
+(`net/udp_nat.py`) and one SOCKS5 UDP association (`outbound/socks5_udp.py`), or with
+`direct://` one protected UDP socket of its own (`outbound/direct_udp.py`), whatever the
 destinations: endpoint-independent mapping, so replies from any remote address and port
 reach the client socket (games, VoIP, QUIC connection migration, STUN). Datagrams that
 arrive while the association is being set up wait in a small bounded queue.
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tun2socks.net.events import DatagramReceived
 from tun2socks.net.udp_nat import Endpoint, UdpNat
+from tun2socks.outbound.direct_udp import DirectUdpAssociation, open_direct_udp
 from tun2socks.outbound.socks5 import ProxyEndpoint, Socks5Error, Socks5ReplyError
 from tun2socks.outbound.socks5_udp import DatagramTooLarge, UdpAssociation, associate
 from tun2socks.rules import Action, Decision
@@ -72,7 +74,7 @@ class ClientPort(Protocol):
 class _Session:
     client: IPAddress
     client_port: int
-    association: UdpAssociation | None = None
+    association: UdpAssociation | DirectUdpAssociation | None = None
     pending: list[DatagramReceived] = field(default_factory=list)
     pending_bytes: int = 0
     task: asyncio.Task[None] | None = None
@@ -164,7 +166,7 @@ class UdpRelay:
     def _send(
         self,
         session: _Session,
-        association: UdpAssociation,
+        association: UdpAssociation | DirectUdpAssociation,
         datagram: DatagramReceived,
     ) -> None:
         try:
@@ -199,14 +201,31 @@ class UdpRelay:
         return session
 
     async def _associate(self, session: _Session) -> None:
+        proxy = self.proxy()
+
+        def on_datagram(host: str, port: int, data: bytes) -> None:
+            self._reply(session, host, port, data)
+
+        def on_close(reason: str) -> None:
+            self._association_closed(session, reason)
+
+        association: UdpAssociation | DirectUdpAssociation
         try:
-            association = await associate(
-                self.proxy(),
-                timeout=self.timeout,
-                prepare_socket=self.prepare_socket,
-                on_datagram=lambda host, port, data: self._reply(session, host, port, data),
-                on_close=lambda reason: self._association_closed(session, reason),
-            )
+            if proxy.scheme == "direct":  # the bypass mode: a protected socket, no proxy
+                association = await open_direct_udp(
+                    session.client.version,
+                    prepare_socket=self.prepare_socket,
+                    on_datagram=on_datagram,
+                    on_close=on_close,
+                )
+            else:
+                association = await associate(
+                    proxy,
+                    timeout=self.timeout,
+                    prepare_socket=self.prepare_socket,
+                    on_datagram=on_datagram,
+                    on_close=on_close,
+                )
         except (Socks5Error, OSError) as exc:
             self._association_failed(session, exc)
             return
@@ -230,7 +249,8 @@ class UdpRelay:
             self._warn_unsupported(str(exc))
         elif now - self._last_failure_log >= 10.0:  # one line per burst of failures
             self._last_failure_log = now
-            log.warning("%s: cannot set up UDP through the proxy: %s", session.describe(), exc)
+            where = "directly" if self.proxy().scheme == "direct" else "through the proxy"
+            log.warning("%s: cannot set up UDP %s: %s", session.describe(), where, exc)
         self.nat.remove(session.key, session)
         session.closed = True
         for datagram in session.pending:

@@ -14,7 +14,8 @@ are never subject to rules meant for client flows. ``direct://`` upstreams use a
 with the same protection hook as the proxy connection (``route.mark`` /
 ``route.bind_interface``): without one, and with routes sending everything into the TUN, a
 ``direct://`` upstream would loop back into the TUN, so use it only for an address that is
-routed around the TUN.
+routed around the TUN. With ``direct://`` as the proxy (the bypass mode) every upstream, and
+with no ``dns.upstreams`` each query's own destination (over TCP), is reached directly.
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ def build_upstream(url: UpstreamUrl, socks: Socks5Dialer, config: DnsConfig) -> 
     # An HTTP proxy has CONNECT only: a udp:// upstream is asked over TCP through it.
     if url.scheme == "tcp" or (url.scheme == "udp" and socks.proxy.scheme == "http"):
         return TcpUpstream(label, _via_proxy(socks, url))
-    if url.scheme == "direct":
+    # direct:// as the proxy (the bypass mode): there is no proxy, so udp:// goes direct too
+    # (tcp:// and https:// already do: the bypass dialer connects directly).
+    if url.scheme == "direct" or (url.scheme == "udp" and socks.proxy.scheme == "direct"):
         protect = socks.prepare_socket
         return UdpUpstream(
             label,

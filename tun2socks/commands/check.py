@@ -197,6 +197,9 @@ def probe(
 ) -> bool:
     """Probe one proxy, printing one line per step and the UDP line; True when every step
     passed (and, with a UDP target, the round trip)."""
+    if config.scheme == "direct":  # the bypass mode: no proxy, so nothing can fail here
+        print(f"skip  proxy {name}: direct:// (no proxy, flows go out directly): nothing to probe")
+        return True
     print(f"proxy {name}: {config.redacted_url}")
     attempt = Probe(config, config.connect_timeout, protect)
     target_text = format_host_port(*target)

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tun2socks.config.schema import Settings, echo, kind_of
+from tun2socks.config.echo import echo, kind_of
+from tun2socks.config.schema import Settings
 from tun2socks.errors import UserError
 
 try:

@@ -1,5 +1,6 @@
 """The proxy URL: ``${VAR}`` expansion from the environment and parsing of
-``socks5://[user[:password]@]host:port`` into scheme, host, port and credentials.
+``socks5://[user[:password]@]host:port`` into scheme, host, port and credentials, or of
+``direct://`` (the bypass mode: no proxy, every flow out on a protected socket of its own).
 
 Messages raised here never quote the URL: any part of it might be the password.
 """
@@ -15,6 +16,7 @@ from pydantic import SecretStr
 
 MAX_AUTH_FIELD = 255  # RFC 1929: UNAME and PASSWD are 1..255 bytes
 URL_SHAPE = "socks5://[user[:password]@]host:port (or http:// for an HTTP CONNECT proxy)"
+DIRECT = "direct"  # direct://: no host, no port, no credentials
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,15 @@ def _split_url(url: str, expand: _Expander) -> ParsedProxyUrl:
     # Split on the text as written: a variable's value cannot move the delimiters.
     scheme_raw, _, rest = url.partition("://")
     scheme = expand(scheme_raw).lower()
+    if scheme == DIRECT:
+        if expand(rest) not in ("", "/"):
+            raise ValueError("direct:// takes no host, port or credentials (it has no proxy)")
+        return ParsedProxyUrl(DIRECT, "", 0, None, None)
     if scheme not in ("socks5", "socks5h", "http"):
-        raise ValueError("scheme must be socks5://, socks5h:// or http:// (HTTP CONNECT)")
+        raise ValueError(
+            "scheme must be socks5://, socks5h:// or http:// (HTTP CONNECT), "
+            "or direct:// (no proxy)"
+        )
     # rpartition: a password with an unencoded '@' still splits at the host.
     user_info, at, host_port_raw = rest.removesuffix("/").rpartition("@")
     username = password = None

@@ -34,10 +34,10 @@ from pydantic import (
     model_validator,
 )
 
+from tun2socks.config.echo import echo
 from tun2socks.config.proxy_url import (
     ParsedProxyUrl,
     expand_variables,
-    hide_url_password,
     parse_host_port,
     parse_proxy_url,
 )
@@ -128,6 +128,8 @@ class ProxyConfig(BaseModel):
                     parsed = parse_proxy_url(item, os.environ)
                 except ValueError as exc:
                     raise ValueError(f"entry {number}: {exc}") from None
+                if parsed.scheme == "direct" and len(url) > 1:  # it has nothing to fail over
+                    raise ValueError(f"entry {number}: direct:// stands alone, not in a list")
                 if parsed.scheme == "http" and len(url) > 1:  # the probes speak SOCKS5
                     raise ValueError(f"entry {number}: failover lists take socks5:// URLs only")
         else:
@@ -155,6 +157,7 @@ class ProxyConfig(BaseModel):
 
     @property
     def scheme(self) -> str:
+        """ "socks5", "http", or "direct" (direct://, the bypass mode: no proxy at all)."""
         return self._endpoint.scheme
 
     @property
@@ -177,6 +180,8 @@ class ProxyConfig(BaseModel):
     @property
     def redacted_url(self) -> str:
         """The URL after ``${VAR}`` expansion with the password shown as ``***``."""
+        if self.scheme == "direct":
+            return "direct://"
         auth = ""
         if self.username is not None:
             secret = ":***" if self.password is not None else ""
@@ -544,6 +549,18 @@ class Settings(BaseModel):
     rules: list[RuleConfig] = Field(default_factory=list)
     dns: DnsConfig = Field(default_factory=DnsConfig)
 
+    @field_validator("route")
+    @classmethod
+    def _check_route(cls, route: RouteConfig, info: ValidationInfo) -> RouteConfig:
+        configs = [info.data.get("proxy"), *info.data.get("proxies", {}).values()]
+        direct = any(c is not None and c.scheme == "direct" for c in configs)
+        if direct and route.auto and not (route.mark or route.bind_interface):
+            raise ValueError(
+                "direct:// with route.auto needs route.mark or route.bind_interface, or its "
+                "sockets would loop back into the TUN"
+            )
+        return route
+
     @field_validator("rules")
     @classmethod
     def _check_rules(cls, rules: list[RuleConfig], info: ValidationInfo) -> list[RuleConfig]:
@@ -561,32 +578,3 @@ class Settings(BaseModel):
                     "route.bind_interface, or its socket would loop back into the TUN"
                 )
         return rules
-
-
-def echo(value: object) -> str:
-    """`` (got X)`` for a scalar worth echoing in a message; empty for anything else."""
-    if value is None:
-        return " (got an empty value)"
-    if isinstance(value, bool):
-        return f" (got {str(value).lower()})"
-    if isinstance(value, int | float):
-        return f" (got {value})"
-    if isinstance(value, str):
-        value = hide_url_password(value)  # a proxy URL put under the wrong key, say
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f" (got {shown!r})"
-    return f" (got {kind_of(value)})"
-
-
-def kind_of(value: object) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int | float):
-        return "a number"
-    return "nothing" if value is None else type(value).__name__

@@ -15,8 +15,8 @@ import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from tun2socks.net.events import FlowRequested
-from tun2socks.outbound.dialer import DialError
-from tun2socks.outbound.socks5 import SocketHook, format_host_port
+from tun2socks.outbound.dialer import DialError, Socks5Dialer
+from tun2socks.outbound.socks5 import ProxyEndpoint, SocketHook, format_host_port
 
 # linux/asm-generic/socket.h; the socket module has them on Linux with recent Pythons only.
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -110,3 +110,19 @@ class DirectDialer:
 
     async def _open(self, host: IPv4Address | IPv6Address, port: int) -> socket.socket:
         return await open_direct(host, port, timeout=self.timeout, protect=self.protect)
+
+
+class BypassDialer(Socks5Dialer):
+    """The default "proxy" of ``direct://`` (the bypass mode): every flow and every DNS upstream
+    connection straight to its destination on a protected socket, with no proxy at all. It
+    stands where a proxy's dialer stands (rules, DNS and UDP read its ``proxy``, whose scheme is
+    "direct"), so nothing around it needs to know."""
+
+    def __init__(
+        self, proxy: ProxyEndpoint, *, timeout: float, prepare_socket: SocketHook | None
+    ) -> None:
+        super().__init__(proxy, timeout=timeout, prepare_socket=prepare_socket)
+        self.direct = DirectDialer(timeout=timeout, protect=prepare_socket)
+
+    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+        return await self.direct.dial_host(host, port)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from tun2socks.net.events import FlowRequested
 from tun2socks.outbound import socks5
 from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
-from tun2socks.outbound.direct import DirectDialer
+from tun2socks.outbound.direct import BypassDialer, DirectDialer
 from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.outbound.loop_guard import LoopGuard
 from tun2socks.rules import Action, Decision, RuleSet
@@ -90,7 +90,11 @@ def _target(host: str | IPAddress, port: int) -> str:
 
 
 def proxy_dialer(config: ProxyConfig, protect: socks5.SocketHook | None) -> Socks5Dialer:
-    """The dialer of one proxy setting: a FailoverDialer when its url lists several."""
+    """The dialer of one proxy setting: a FailoverDialer when its url lists several, a
+    BypassDialer for direct:// (which stands alone: the schema keeps it out of lists)."""
+    if config.scheme == "direct":
+        endpoint = socks5.ProxyEndpoint.from_config(config)
+        return BypassDialer(endpoint, timeout=config.connect_timeout, prepare_socket=protect)
     dialers = [
         Socks5Dialer(
             socks5.ProxyEndpoint.from_config(entry),

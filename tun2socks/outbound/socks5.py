@@ -151,7 +151,8 @@ class ProxySettings(Protocol):
 class ProxyEndpoint:
     """Where the proxy is and how to log in; ``host`` may be a name or an IP literal.
 
-    ``scheme`` is "socks5", or "http" for an HTTP CONNECT proxy (``outbound/http_connect.py``).
+    ``scheme`` is "socks5", or "http" for an HTTP CONNECT proxy (``outbound/http_connect.py``),
+    or "direct" for direct:// (no proxy: no host, port 0; ``outbound/direct.py``).
     """
 
     host: str
@@ -161,6 +162,8 @@ class ProxyEndpoint:
     scheme: str = "socks5"
 
     def __post_init__(self) -> None:
+        if self.scheme == "direct":
+            return
         if not 0 < self.port <= 0xFFFF:
             raise ValueError(f"SOCKS5 proxy port must be 1..65535, got {self.port}")
         if (self.username is None) != (self.password is None):
@@ -175,7 +178,9 @@ class ProxyEndpoint:
 
     @property
     def address(self) -> str:
-        """``host:port`` (``[v6]:port``) for messages."""
+        """``host:port`` (``[v6]:port``) for messages; "direct" for direct://."""
+        if self.scheme == "direct":
+            return "direct"
         return format_host_port(self.host, self.port)
 
 
