@@ -1,0 +1,62 @@
+"""direct:// wiring without I/O: the dialer that stands for the proxy, rules around it, the UDP
+relay's choice of association, and `check`, which has nothing to probe."""
+
+from __future__ import annotations
+
+import asyncio
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+
+from tun2socks.cli import main
+from tun2socks.config import load_settings
+from tun2socks.net.events import FlowRequested
+from tun2socks.outbound import routing
+from tun2socks.outbound.dialer import DialError
+from tun2socks.outbound.direct import BypassDialer
+from tun2socks.outbound.socks5 import ProxyEndpoint
+
+
+def test_proxy_dialer_of_direct_is_a_bypass_dialer_with_the_protection() -> None:
+    settings = load_settings(None, ["proxy.url=direct://", "proxy.connect_timeout=3"])
+
+    def protect(sock: object) -> None:
+        del sock
+
+    dialer = routing.proxy_dialer(settings.proxy, protect)
+    assert isinstance(dialer, BypassDialer)
+    assert (dialer.proxy.scheme, dialer.proxy.address) == ("direct", "direct")
+    assert dialer.direct.protect is protect and dialer.direct.timeout == 3.0
+    assert dialer.prepare_socket is protect  # DNS upstreams read it for their own sockets
+
+
+def test_direct_endpoint_needs_no_port() -> None:
+    assert ProxyEndpoint("", 0, scheme="direct").address == "direct"
+    with pytest.raises(ValueError, match=r"port must be 1\.\.65535"):
+        ProxyEndpoint("", 0)
+
+
+def test_block_rule_in_bypass_mode_refuses_before_any_socket() -> None:
+    """A `block` rule makes the bypass mode a packet filter: DialError (the engine's RST)."""
+    overrides = ["proxy.url=direct://", "rules=[{dst: 192.0.2.0/24, action: block}]"]
+    settings = load_settings(None, overrides)
+    default = routing.proxy_dialer(settings.proxy, None)
+    dialer = routing.build_dialer(settings, default, {}, None, lambda address: None)
+    assert isinstance(dialer, routing.RuleDialer) and dialer.default is default
+    flow = FlowRequested(1, ip_address("198.18.0.1"), 40000, ip_address("192.0.2.7"), 80)
+    with pytest.raises(DialError, match=r"^blocked by rule 0$"):
+        asyncio.run(dialer.dial(flow))
+
+
+def test_check_says_there_is_nothing_to_probe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "direct.yaml"
+    config.write_text("proxy: {url: 'direct://'}\n")
+    assert main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "skip  proxy default: direct:// (no proxy, flows go out directly): nothing to probe" in (
+        out
+    )
+    assert "TCP connect" not in out
