@@ -10,7 +10,9 @@
 # curl in the client fetches the page; tun2socks has pointed every route into its TUN, so the
 # connection goes through the SOCKS5 server (the web server sees the proxy's address), while
 # the proxy connection itself keeps the original path. Then tun2socks stops and everything it
-# changed is gone. Needs root, iproute2, curl, Dante (Debian: dante-server), python3 (for the
+# changed is gone. A second round runs the bypass mode (proxy.url: direct://) with the SOCKS5
+# server stopped: every flow leaves from a marked socket of tun2socks (route.mark), the web
+# server sees the client's own address, and a `block` rule answers with a reset. Needs root, iproute2, curl, Dante (Debian: dante-server), python3 (for the
 # web server) and tun2socks itself: the one the README's set-up command installed, found on
 # PATH, or any other with TUN2SOCKS=/path/to/tun2socks. All of that is checked before anything
 # is created.
@@ -122,6 +124,28 @@ listening() { ip netns exec "$SRV" ss -Hltn | grep -c -e "$PROXY_IP:1080 " -e "$
 for _ in $(seq 100); do [[ $(listening) -ge 2 ]] && break; sleep 0.1; done
 [[ $(listening) -ge 2 ]] || { echo "the servers did not start" >&2; exit 1; }
 
+start_tun2socks() {  # CONFIG: run it in the client namespace, wait until it runs
+  cat "$1"
+  : > "$WORK/tun2socks.log"
+  ip netns exec "$CLI" "$T2S" run -c "$1" >> "$WORK/tun2socks.log" 2>&1 &
+  T2S_PID=$!
+  for _ in $(seq 200); do
+    grep -q "tun2socks running" "$WORK/tun2socks.log" && break
+    kill -0 "$T2S_PID" 2>/dev/null || { cat "$WORK/tun2socks.log"; exit 1; }
+    sleep 0.1
+  done
+  grep -q "tun2socks running" "$WORK/tun2socks.log" || { cat "$WORK/tun2socks.log"; exit 1; }
+}
+
+stop_tun2socks() {
+  say "stopping tun2socks (SIGTERM): it undoes its routes and rules"
+  kill -TERM "$T2S_PID"
+  wait "$T2S_PID" && echo "tun2socks exited with status 0"
+  T2S_PID=""
+  ip -n "$CLI" rule
+  echo "-- table 7280: $(ip -n "$CLI" route show table 7280 | wc -l) routes"
+}
+
 say "client: tun2socks with route.auto"
 cat > "$WORK/tun2socks.yaml" <<EOF
 tun: {name: $TUN, addresses: [198.18.0.1/15, "fd00:7f::1/64"]}
@@ -129,15 +153,7 @@ proxy: {url: "socks5://$PROXY_IP:1080"}
 route: {auto: true, state_dir: $WORK/state}
 log: {level: debug}
 EOF
-cat "$WORK/tun2socks.yaml"
-ip netns exec "$CLI" "$T2S" run -c "$WORK/tun2socks.yaml" > "$WORK/tun2socks.log" 2>&1 &
-T2S_PID=$!
-for _ in $(seq 200); do
-  grep -q "tun2socks running" "$WORK/tun2socks.log" && break
-  kill -0 "$T2S_PID" 2>/dev/null || { cat "$WORK/tun2socks.log"; exit 1; }
-  sleep 0.1
-done
-grep -q "tun2socks running" "$WORK/tun2socks.log" || { cat "$WORK/tun2socks.log"; exit 1; }
+start_tun2socks "$WORK/tun2socks.yaml"
 
 say "what route.auto set up in the client namespace"
 ip -n "$CLI" rule
@@ -155,9 +171,37 @@ grep -F -- "-> $WEB_IP:8000" "$WORK/tun2socks.log"
 say "... and in the web server's log: the peer is the proxy ($PROXY_IP), not the client"
 grep -F "GET / " "$WORK/web.log"
 
-say "stopping tun2socks (SIGTERM): it undoes its routes and rules"
-kill -TERM "$T2S_PID"
-wait "$T2S_PID" && echo "tun2socks exited with status 0"
-T2S_PID=""
+stop_tun2socks
+
+say "round 2: the bypass mode, proxy.url direct://, with the SOCKS5 server stopped"
+kill -TERM "$(cat "$WORK/danted.pid")"
+for _ in $(seq 50); do [[ $(listening) -ge 2 ]] || break; sleep 0.1; done
+[[ $(listening) -eq 1 ]] || { echo "danted did not stop" >&2; exit 1; }
+echo "nothing listens on $PROXY_IP:1080 any more"
+# route.mark: tun2socks' own sockets carry the mark, and a rule sends marked packets through
+# the main table (the original path), so they never enter the TUN. route.auto needs it (or
+# route.bind_interface) with direct://. The block rule turns the bypass into a packet filter.
+cat > "$WORK/direct.yaml" <<EOF
+tun: {name: $TUN, addresses: [198.18.0.1/15, "fd00:7f::1/64"]}
+proxy: {url: "direct://"}
+route: {auto: true, mark: 0x2a, state_dir: $WORK/state}
+rules: [{dst: $WEB_IP/32, port: 22, action: block}]
+log: {level: debug}
+EOF
+start_tun2socks "$WORK/direct.yaml"
 ip -n "$CLI" rule
-echo "-- table 7280: $(ip -n "$CLI" route show table 7280 | wc -l) routes"
+
+say "curl http://$WEB_IP:8000/ in the client namespace, again"
+ip netns exec "$CLI" curl -sS --max-time 10 "http://$WEB_IP:8000/"
+grep -F -- "-> $WEB_IP:8000" "$WORK/tun2socks.log"
+say "... and in the web server's log: the peer is now the client itself (10.200.0.1)"
+grep -F "10.200.0.1 - - " "$WORK/web.log"
+
+say "curl http://$WEB_IP:22/: blocked by the rule, answered with a reset at once"
+status=0
+ip netns exec "$CLI" curl -sS --max-time 10 "http://$WEB_IP:22/" || status=$?
+echo "curl exit status $status"
+[[ $status -eq 7 ]] || { echo "the block rule did not reset it" >&2; exit 1; }
+grep -F "blocked by rule" "$WORK/tun2socks.log"
+
+stop_tun2socks

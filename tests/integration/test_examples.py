@@ -1,7 +1,7 @@
-"""The runnable examples run: examples/netns-demo.sh end to end, leaving nothing behind, with the
-program that the README's set-up command installed (a venv of the distribution's python3, which
-itself has none of the dependencies); and it refuses at once, creating nothing, when something it
-needs is missing."""
+"""The runnable examples run: examples/netns-demo.sh end to end (through a SOCKS5 server, then in
+the bypass mode, direct://), leaving nothing behind, with the program that the README's set-up
+command installed (a venv of the distribution's python3, which itself has none of the
+dependencies); and it refuses at once, creating nothing, when something it needs is missing."""
 
 from __future__ import annotations
 
@@ -92,8 +92,14 @@ def test_netns_demo_runs_the_installed_program_and_leaves_nothing_behind(tmp_pat
     assert "Hello through tun2socks!" in out  # the page, fetched through the TUN
     assert "-> 10.201.0.80:8000: connected through 10.200.0.2:1080" in out  # tun2socks' log
     assert "10.200.0.2 - - [" in out  # the web server saw the proxy, not the client
-    assert "tun2socks exited with status 0" in out
-    assert "-- table 7280: 0 routes" in out
+    # Round 2, the bypass mode (direct://) with the SOCKS5 server stopped: the web server sees
+    # the client itself, and a block rule resets at once (curl exit 7).
+    assert "nothing listens on 10.200.0.2:1080 any more" in out
+    assert "-> 10.201.0.80:8000: connected through direct" in out
+    assert "10.200.0.1 - - [" in out
+    assert "curl exit status 7" in out and "-> 10.201.0.80:22: blocked by rule 0" in out
+    assert out.count("tun2socks exited with status 0") == 2
+    assert out.count("-- table 7280: 0 routes") == 2
     assert _demo_namespaces(demo_id) == []
     assert not any(demo_id in p.name for p in Path("/etc/netns").glob("*"))
     # Its servers and tun2socks all had the work directory on their command lines.
