@@ -561,6 +561,16 @@ class Settings(BaseModel):
             )
         return route
 
+    @field_validator("dns")
+    @classmethod
+    def _check_dns(cls, dns: DnsConfig, info: ValidationInfo) -> DnsConfig:
+        # A fake address stands for a name that only a proxy resolves; direct:// would have to
+        # look it up here, and the lookup would be answered with the fake address again.
+        proxy = info.data.get("proxy")
+        if dns.mode == "fake-ip" and proxy is not None and proxy.scheme == "direct":
+            raise ValueError("mode fake-ip needs a proxy that resolves names, not direct://")
+        return dns
+
     @field_validator("rules")
     @classmethod
     def _check_rules(cls, rules: list[RuleConfig], info: ValidationInfo) -> list[RuleConfig]:

@@ -76,3 +76,12 @@ def test_a_named_direct_proxy_with_route_auto_needs_one_too(tmp_path: Path) -> N
 
 def test_socks5_with_route_auto_alone_is_still_fine(tmp_path: Path) -> None:
     assert load(tmp_path, "proxy: {url: 'socks5://192.0.2.1:1080'}\nroute: {auto: true}\n")
+
+
+def test_fake_ip_is_refused_with_direct(tmp_path: Path) -> None:
+    """A fake address stands for a name only a proxy resolves: no proxy, no fake addresses."""
+    text = "proxy: {url: 'direct://'}\ndns: {mode: fake-ip}\n"
+    assert error(tmp_path, text).endswith(
+        "c.yaml:2: dns: mode fake-ip needs a proxy that resolves names, not direct://"
+    )
+    assert load(tmp_path, "proxy: {url: 'direct://'}\ndns: {mode: forward}\n")
