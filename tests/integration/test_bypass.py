@@ -231,6 +231,30 @@ def test_dig_through_the_forwarder_goes_direct(
     assert {q.source for q in queries} == {bedlib.CLI_VETH_IP}, queries
 
 
+# --- loops ------------------------------------------------------------------------------------
+
+
+def test_without_protection_a_looping_socket_is_refused_at_once(
+    bypass_bed: bedlib.Bed, start_dns_tun2socks: bedlib.StartTun2socks
+) -> None:
+    """No route.auto and no mark: the bed's own default route sends everything into the TUN,
+    tun2socks' direct socket too. Its SYN comes back as a new flow from the port it connects
+    from: that flow is refused (RST), so the first fails at once, and there is no runaway."""
+    try:
+        t2s = start_dns_tun2socks(extra={"proxy": {"url": "direct://"}, "log": {"level": "debug"}})
+        began = time.monotonic()
+        proc = curl(bypass_bed, http_url(4, "/peer"))
+        assert proc.returncode == 7, (proc.returncode, proc.stderr)
+        assert time.monotonic() - began < 5
+        time.sleep(0.5)  # anything still looping would show more flows now
+        log = t2s.log_text()
+        assert log.count("a direct connection of tun2socks itself entered the TUN") == 1, log
+        assert len(set(re.findall(r"flow (\d+) ", log))) == 2, log
+    finally:
+        bypass_bed.stop_tun2socks()
+        bypass_bed.set_uplink(True)  # the bed's default route into the TUN replaced it
+
+
 # --- configuration ----------------------------------------------------------------------------
 
 

@@ -46,21 +46,33 @@ def protector(mark: int, interface: str | None) -> SocketHook | None:
     return protect
 
 
+# A direct socket being connected without protection: destination, its port, our local port.
+Connecting = tuple[IPv4Address | IPv6Address, int, int]
+
+
 async def open_direct(
     host: IPv4Address | IPv6Address,
     port: int,
     *,
     timeout: float,
     protect: SocketHook | None,
+    connecting: set[Connecting] | None = None,
 ) -> socket.socket:
-    """A connected non-blocking TCP socket to host:port; raises DialError."""
+    """A connected non-blocking TCP socket to host:port; raises DialError. Without `protect`,
+    the socket is bound first and listed in `connecting` while it connects: if routes send it
+    into the TUN, the flow it becomes is known by its source port (``BypassDialer.dial``)."""
     target = format_host_port(host, port)
     sock = socket.socket(socket.AF_INET6 if host.version == 6 else socket.AF_INET)
+    listed: Connecting | None = None
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if protect is not None:
             protect(sock)
+        elif connecting is not None:
+            sock.bind(("::" if host.version == 6 else "0.0.0.0", 0))
+            listed = (host, port, sock.getsockname()[1])
+            connecting.add(listed)
         async with asyncio.timeout(timeout):
             await asyncio.get_running_loop().sock_connect(sock, (str(host), port))
     except TimeoutError:
@@ -72,6 +84,9 @@ async def open_direct(
     except BaseException:
         sock.close()
         raise
+    finally:
+        if listed is not None and connecting is not None:
+            connecting.discard(listed)
     return sock
 
 
@@ -81,6 +96,7 @@ class DirectDialer:
     def __init__(self, *, timeout: float, protect: SocketHook | None) -> None:
         self.timeout = timeout
         self.protect = protect
+        self.connecting: set[Connecting] = set()  # unprotected sockets still connecting
 
     async def dial(self, flow: FlowRequested) -> socket.socket:
         return await self._open(flow.dst, flow.dst_port)
@@ -109,7 +125,9 @@ class DirectDialer:
         raise error
 
     async def _open(self, host: IPv4Address | IPv6Address, port: int) -> socket.socket:
-        return await open_direct(host, port, timeout=self.timeout, protect=self.protect)
+        return await open_direct(
+            host, port, timeout=self.timeout, protect=self.protect, connecting=self.connecting
+        )
 
 
 class BypassDialer(Socks5Dialer):
@@ -123,6 +141,18 @@ class BypassDialer(Socks5Dialer):
     ) -> None:
         super().__init__(proxy, timeout=timeout, prepare_socket=prepare_socket)
         self.direct = DirectDialer(timeout=timeout, protect=prepare_socket)
+
+    async def dial(self, flow: FlowRequested) -> socket.socket:
+        # Without route.mark / route.bind_interface our own socket may be routed into the TUN
+        # (route.auto refuses that; routes made by hand may do it): it arrives as a new flow
+        # from the port it is connecting from, and dialing it again would loop until the
+        # limits stop it. Refused at once instead: the outer connection fails too.
+        if (flow.dst, flow.dst_port, flow.src_port) in self.direct.connecting:
+            raise DialError(
+                "refused: a direct connection of tun2socks itself entered the TUN (route its "
+                "destinations around the TUN, or set route.mark or route.bind_interface)"
+            )
+        return await self.direct.dial(flow)
 
     async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
         return await self.direct.dial_host(host, port)
