@@ -124,6 +124,10 @@ class UdpRelay:
         self._warned_unsupported = False
         self._last_failure_log = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
+        # Ports of our own direct sockets when unprotected (direct:// with no route.mark or
+        # route.bind_interface): routes made by hand may send them into the TUN, where each
+        # datagram would open a session that sends it again, forever. Dropped instead.
+        self.own_ports: set[int] = set()
 
     # ---------------------------------------------------------------- client -> remote
 
@@ -132,6 +136,14 @@ class UdpRelay:
         dst = datagram.dst
         if dst.is_multicast or dst.is_unspecified or dst == _LIMITED_BROADCAST:
             self.counters["dropped_not_unicast"] += 1  # a proxy cannot carry these
+            return
+        if datagram.src_port in self.own_ports:
+            self.counters["dropped_own_loop"] += 1
+            if self.counters["dropped_own_loop"] == 1:
+                log.warning(
+                    "UDP from tun2socks itself entered the TUN and is dropped: route its "
+                    "destinations around the TUN, or set route.mark or route.bind_interface"
+                )
             return
         if not self.enabled:
             self._warn_unsupported("udp.enabled is false")
@@ -217,6 +229,7 @@ class UdpRelay:
                     prepare_socket=self.prepare_socket,
                     on_datagram=on_datagram,
                     on_close=on_close,
+                    own_ports=None if self.prepare_socket else self.own_ports,
                 )
             else:
                 association = await associate(

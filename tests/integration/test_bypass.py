@@ -250,6 +250,25 @@ def test_without_protection_a_looping_socket_is_refused_at_once(
         log = t2s.log_text()
         assert log.count("a direct connection of tun2socks itself entered the TUN") == 1, log
         assert len(set(re.findall(r"flow (\d+) ", log))) == 2, log
+        # UDP has no handshake to stall: each looped datagram would open a session that sends
+        # it again, forever. It is dropped: one session (the client's), one warning.
+        echo = udptool(
+            bypass_bed,
+            "echo",
+            bedlib.TARGET_IP,
+            str(ECHO_PORT),
+            "--count",
+            "1",
+            "--retries",
+            "1",
+            "--timeout",
+            "1",
+        )
+        assert echo["matched"] == 0, echo
+        time.sleep(0.5)
+        log = t2s.log_text()
+        assert log.count("associated, relay direct") == 1, log
+        assert log.count("UDP from tun2socks itself entered the TUN and is dropped") == 1, log
     finally:
         bypass_bed.stop_tun2socks()
         bypass_bed.set_uplink(True)  # the bed's default route into the TUN replaced it

@@ -36,9 +36,13 @@ class DirectUdpAssociation:
 
     relay = "direct"  # where datagrams go, for log lines (a proxy association names its relay)
 
-    def __init__(self, on_datagram: DatagramCallback, on_close: CloseCallback) -> None:
+    def __init__(
+        self, on_datagram: DatagramCallback, on_close: CloseCallback, own_ports: set[int]
+    ) -> None:
         self.on_datagram = on_datagram
         self.on_close = on_close
+        self.own_ports = own_ports  # holds our local port while we are open
+        self.local_port = 0
         self.sent = 0
         self.received = 0
         self.dropped = 0  # write buffer full, or an ICMP error about an earlier datagram
@@ -70,6 +74,7 @@ class DirectUdpAssociation:
         if self.closed:
             return
         self.close_reason = reason
+        self.own_ports.discard(self.local_port)
         if self._udp is not None:
             self._udp.close()
         if notify:
@@ -104,9 +109,12 @@ async def open_direct_udp(
     prepare_socket: SocketHook | None,
     on_datagram: DatagramCallback,
     on_close: CloseCallback,
+    own_ports: set[int] | None = None,
 ) -> DirectUdpAssociation:
     """A direct association for clients of IP ``version`` (4 or 6); raises OSError (a
-    protection that cannot be set: ``PermissionError`` without CAP_NET_ADMIN, say)."""
+    protection that cannot be set: ``PermissionError`` without CAP_NET_ADMIN, say). Its local
+    port is in ``own_ports`` while it is open: unprotected, the socket may be routed into the
+    TUN, and the relay then knows its datagrams for ours."""
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -114,7 +122,10 @@ async def open_direct_udp(
         if prepare_socket is not None:
             prepare_socket(sock)
         sock.bind(("::" if version == 6 else "0.0.0.0", 0))
-        association = DirectUdpAssociation(on_datagram, on_close)
+        ports = own_ports if own_ports is not None else set()
+        association = DirectUdpAssociation(on_datagram, on_close, ports)
+        association.local_port = sock.getsockname()[1]
+        association.own_ports.add(association.local_port)
         loop = asyncio.get_running_loop()
         association._udp, _ = await loop.create_datagram_endpoint(
             lambda: _Protocol(association), sock=sock
