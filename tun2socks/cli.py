@@ -83,7 +83,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
     """The settings for ``run`` from its parsed arguments. Raises ConfigError."""
     sets_proxy = any(item.partition("=")[0].strip() == "proxy.url" for item in args.overrides)
     if args.config is None and args.proxy is None and not sets_proxy:
-        raise ConfigError("a proxy URL is needed: pass --proxy socks5://HOST:PORT or -c FILE")
+        raise ConfigError(
+            "a proxy URL is needed: pass --proxy socks5://HOST:PORT (direct:// for none) or -c FILE"
+        )
     flags = {"tun.name": args.device, "proxy.url": args.proxy, "log.level": args.log_level}
     flags["api.pcap.file"] = args.pcap
     return load_settings(args.config, args.overrides, flags)

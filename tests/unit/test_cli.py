@@ -130,7 +130,8 @@ def test_run_needs_a_proxy_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 2
     captured = capsys.readouterr()
     assert captured.err == (
-        "tun2socks: error: a proxy URL is needed: pass --proxy socks5://HOST:PORT or -c FILE\n"
+        "tun2socks: error: a proxy URL is needed: pass --proxy socks5://HOST:PORT "
+        "(direct:// for none) or -c FILE\n"
     )
     assert captured.out == ""
 

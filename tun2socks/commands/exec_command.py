@@ -81,7 +81,9 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="YAML settings file")
     parser.add_argument(
-        "--proxy", metavar="URL", help="socks5:// or http://[user[:pass]@]host:port (proxy.url)"
+        "--proxy",
+        metavar="URL",
+        help="socks5:// or http://[user[:pass]@]host:port, or direct:// (proxy.url)",
     )
     parser.add_argument(
         "--set",
@@ -104,7 +106,9 @@ def add_parser(commands: Any) -> None:
 
 def build_settings(args: argparse.Namespace) -> Settings:
     if args.config is None and args.proxy is None:
-        raise ConfigError("a proxy URL is needed: pass --proxy socks5://HOST:PORT or -c FILE")
+        raise ConfigError(
+            "a proxy URL is needed: pass --proxy socks5://HOST:PORT (direct:// for none) or -c FILE"
+        )
     level = args.log_level or ("warning" if args.config is None else None)
     flags: dict[str, object] = {"proxy.url": args.proxy, "log.level": level, **FORCED}
     # Off unless asked: a second exec (or a run) would want the same port.

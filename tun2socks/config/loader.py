@@ -330,7 +330,8 @@ def _describe(error: Mapping[str, Any], path: KeyPath) -> tuple[str, str]:
     ctx = error.get("ctx") or {}
     if kind == "missing":
         if path in (("proxy",), ("proxy", "url")):
-            return "proxy.url", "missing: a proxy URL is required, like socks5://127.0.0.1:1080"
+            need = "a proxy URL is required, like socks5://127.0.0.1:1080 (direct:// for none)"
+            return "proxy.url", f"missing: {need}"
         return key, "missing: this key is required"
     if kind == "extra_forbidden":
         model = _model_at(path)
