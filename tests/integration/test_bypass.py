@@ -231,6 +231,25 @@ def test_dig_through_the_forwarder_goes_direct(
     assert {q.source for q in queries} == {bedlib.CLI_VETH_IP}, queries
 
 
+def test_exec_runs_one_command_in_the_bypass_mode(bypass_bed: bedlib.Bed) -> None:
+    """`tun2socks exec --proxy direct://`: the command's own namespace, whose only way out is
+    tun2socks, which sends its flows out from the client namespace: nothing to protect."""
+    exec_command = [*bedlib.tun2socks_command(), "exec", "--proxy", "direct://", "--"]
+    curls = " ; echo ; ".join(
+        f"curl -sS -g --max-time 10 {http_url(version, '/peer')}" for version in (4, 6)
+    )
+    proc = subprocess.run(
+        [*bypass_bed.cli_prefix(), *exec_command, "sh", "-c", curls],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == [UPLINK_ADDRESSES[4], UPLINK_ADDRESSES[6]], proc.stderr
+
+
 # --- loops ------------------------------------------------------------------------------------
 
 
