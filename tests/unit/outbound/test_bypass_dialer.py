@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from tun2socks.cli import main
-from tun2socks.config import load_settings
-from tun2socks.net.events import FlowRequested
+from tun2socks.config import UdpConfig, load_settings
+from tun2socks.net.events import DatagramReceived, FlowRequested
 from tun2socks.outbound import routing
 from tun2socks.outbound.dialer import DialError
 from tun2socks.outbound.direct import BypassDialer
 from tun2socks.outbound.socks5 import ProxyEndpoint
+from tun2socks.udp_relay import UdpRelay
 
 
 def test_proxy_dialer_of_direct_is_a_bypass_dialer_with_the_protection() -> None:
@@ -60,3 +61,43 @@ def test_check_says_there_is_nothing_to_probe(
         out
     )
     assert "TCP connect" not in out
+
+
+def test_a_flow_from_our_own_connecting_socket_is_refused_not_dialed() -> None:
+    """Unprotected, our socket to 192.0.2.7:80 from port 41000 may be routed into the TUN: the
+    flow it becomes is refused before any second socket is opened."""
+    dialer = BypassDialer(ProxyEndpoint("", 0, scheme="direct"), timeout=1.0, prepare_socket=None)
+    target = ip_address("192.0.2.7")
+    dialer.direct.connecting.add((target, 80, 41000))
+    looped = FlowRequested(2, ip_address("198.18.0.1"), 41000, target, 80)
+    with pytest.raises(DialError, match="entered the TUN"):
+        asyncio.run(dialer.dial(looped))
+
+
+class RecordingPort:
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+        self.refused: list[object] = []
+
+    def send_datagram(self, *args: object) -> None:
+        self.sent.append(args)
+
+    def refuse_datagram(self, datagram: object, *, mtu: int | None = None) -> None:
+        self.refused.append(datagram)
+
+
+def test_udp_from_our_own_direct_socket_is_dropped_not_relayed() -> None:
+    """Each such datagram would open a session that sends it again, forever."""
+    loop = asyncio.new_event_loop()
+    try:
+        port = RecordingPort()
+        endpoint = ProxyEndpoint("", 0, scheme="direct")
+        relay = UdpRelay(UdpConfig(), lambda: endpoint, port, loop, timeout=1.0)
+        relay.own_ports.add(41000)
+        src, dst = ip_address("198.18.0.1"), ip_address("192.0.2.7")
+        for _ in range(3):
+            relay.datagram_received(DatagramReceived(src, 41000, dst, 53, b"x"))
+        assert relay.stats() == {"sessions": 0, "dropped_own_loop": 3}
+        assert port.sent == port.refused == []
+    finally:
+        loop.close()
