@@ -547,7 +547,7 @@ class Settings(BaseModel):
     api: ApiConfig = Field(default_factory=ApiConfig)
     route: RouteConfig = Field(default_factory=RouteConfig)
     rules: list[RuleConfig] = Field(default_factory=list)
-    dns: DnsConfig = Field(default_factory=DnsConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig, validate_default=True)
 
     @field_validator("route")
     @classmethod
@@ -565,10 +565,15 @@ class Settings(BaseModel):
     @classmethod
     def _check_dns(cls, dns: DnsConfig, info: ValidationInfo) -> DnsConfig:
         # A fake address stands for a name that only a proxy resolves; direct:// would have to
-        # look it up here, and the lookup would be answered with the fake address again.
-        proxy = info.data.get("proxy")
-        if dns.mode == "fake-ip" and proxy is not None and proxy.scheme == "direct":
+        # look it up here, and the lookup would be answered with the fake address again. The
+        # system_dns address is in the TUN: asked directly, it would be the forwarder again.
+        proxy, route = info.data.get("proxy"), info.data.get("route")
+        if proxy is None or proxy.scheme != "direct" or not dns.enabled:
+            return dns
+        if dns.mode == "fake-ip":
             raise ValueError("mode fake-ip needs a proxy that resolves names, not direct://")
+        if route is not None and route.system_dns and not dns.upstreams:  # no server there
+            raise ValueError("direct:// with route.system_dns needs dns.upstreams")
         return dns
 
     @field_validator("rules")

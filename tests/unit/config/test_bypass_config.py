@@ -85,3 +85,14 @@ def test_fake_ip_is_refused_with_direct(tmp_path: Path) -> None:
         "c.yaml:2: dns: mode fake-ip needs a proxy that resolves names, not direct://"
     )
     assert load(tmp_path, "proxy: {url: 'direct://'}\ndns: {mode: forward}\n")
+
+
+def test_system_dns_with_direct_needs_upstreams(tmp_path: Path) -> None:
+    """The system's resolver is then an address inside the TUN: without dns.upstreams the
+    forwarder would ask that address, directly, which is itself."""
+    route = "route: {auto: true, mark: 0x2a, system_dns: true}\n"
+    message = error(tmp_path, "proxy: {url: 'direct://'}\n" + route)
+    assert message.endswith("dns: direct:// with route.system_dns needs dns.upstreams")
+    upstreams = "dns: {upstreams: ['direct://192.0.2.53']}\n"
+    assert load(tmp_path, "proxy: {url: 'direct://'}\n" + route + upstreams)
+    assert load(tmp_path, "proxy: {url: 'direct://'}\n" + route + "dns: {enabled: false}\n")
