@@ -98,9 +98,10 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     # The start-up summary and the proxy's comings and goings show at the default log level;
     # `exec` (a watch) keeps its command's output clean and says them at info only.
     announce = log if watch is not None else logging.getLogger(startup.SUMMARY_LOGGER)
-    # A failover list has probes of its own (FailoverDialer); a single proxy gets this one.
+    # A failover list has probes of its own (FailoverDialer); a single proxy gets this one;
+    # direct:// has none to probe.
     prober = None
-    if not isinstance(socks, FailoverDialer):
+    if not isinstance(socks, FailoverDialer) and socks.proxy.scheme != "direct":
         label = settings.proxy.redacted_url
         prober = ProxyProber(socks.proxy, label, prepare_socket=protect, log=announce)
         stats["proxy_reachability"] = prober.stats

@@ -128,6 +128,9 @@ def test_route_auto_with_a_protected_socket_curl_v4_v6_no_loop_server_sees_the_u
 ) -> None:
     route = {"mark": MARK} if way == "mark" else {"mark": 0, "bind_interface": bedlib.CLI_VETH}
     t2s = start(route=route)
+    # The start-up summary: no proxy, so nothing to probe and nothing missing.
+    assert "no proxy: direct:// (each flow goes out from a socket of its own)" in t2s.log_text()
+    assert "UDP: yes (directly" in t2s.log_text() and "probe" not in t2s.log_text()
     rules = bypass_bed.run_cli(["ip", "rule"], timeout=10).stdout
     assert (f"fwmark {MARK:#x} lookup main" in rules) == (way == "mark"), rules
     for version in (4, 6):

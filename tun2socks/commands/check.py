@@ -198,7 +198,7 @@ def probe(
     """Probe one proxy, printing one line per step and the UDP line; True when every step
     passed (and, with a UDP target, the round trip)."""
     if config.scheme == "direct":  # the bypass mode: no proxy, so nothing can fail here
-        print(f"skip  proxy {name}: direct:// (no proxy, flows go out directly): nothing to probe")
+        print(f"skip  proxy {name}: direct:// has nothing to probe (TCP, UDP, DNS go out directly)")
         return True
     print(f"proxy {name}: {config.redacted_url}")
     attempt = Probe(config, config.connect_timeout, protect)

@@ -41,7 +41,7 @@ def summary(
     parts = [
         _device(settings, device),
         _proxy(settings, probe),
-        f"UDP through the proxy: {_udp(udp)}",
+        f"{'UDP' if settings.proxy.scheme == 'direct' else 'UDP through the proxy'}: {_udp(udp)}",
         _dns(settings),
         f"API: http://{settings.api.listen}/" if settings.api.enabled else "API: off",
         _routes(settings, device.name),
@@ -61,6 +61,8 @@ def _device(settings: Settings, device: DeviceFacts) -> str:
 
 
 def _proxy(settings: Settings, probe: ProbeResult | None) -> str:
+    if settings.proxy.scheme == "direct":
+        return "no proxy: direct:// (each flow goes out from a socket of its own)"
     urls = [entry.redacted_url for entry in settings.proxy.entries()]
     if len(urls) > 1:
         return f"proxy failover list {', '.join(urls)} (the first that answers is used)"
@@ -85,6 +87,8 @@ def _dns(settings: Settings) -> str:
         upstreams = f"{count} upstream{'s' if count != 1 else ''}"
     else:
         upstreams = "each query to the server it was sent to, through the proxy"
+        if settings.proxy.scheme == "direct":
+            upstreams = "each query to the server it was sent to, directly"
     return f"DNS forwarder: {dns.mode} mode, {upstreams}"
 
 
@@ -109,6 +113,8 @@ async def udp_at_start(
         return UdpVerdict(False, "udp.enabled is false")
     if proxy.scheme == "http":
         return UdpVerdict(False, "an HTTP proxy's CONNECT carries TCP only")
+    if proxy.scheme == "direct":
+        return UdpVerdict(True, "directly, a socket per client endpoint")
     if probe is None:
         return UdpVerdict(None, "asked with the first datagram")
     if not probe.reachable:

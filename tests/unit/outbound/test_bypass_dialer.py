@@ -12,6 +12,7 @@ import pytest
 from tun2socks.cli import main
 from tun2socks.config import UdpConfig, load_settings
 from tun2socks.net.events import DatagramReceived, FlowRequested
+from tun2socks.observe import startup
 from tun2socks.outbound import routing
 from tun2socks.outbound.dialer import DialError
 from tun2socks.outbound.direct import BypassDialer
@@ -57,9 +58,8 @@ def test_check_says_there_is_nothing_to_probe(
     config.write_text("proxy: {url: 'direct://'}\n")
     assert main(["check", "-c", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "skip  proxy default: direct:// (no proxy, flows go out directly): nothing to probe" in (
-        out
-    )
+    line = "skip  proxy default: direct:// has nothing to probe (TCP, UDP, DNS go out directly)"
+    assert line in out
     assert "TCP connect" not in out
 
 
@@ -101,3 +101,14 @@ def test_udp_from_our_own_direct_socket_is_dropped_not_relayed() -> None:
         assert port.sent == port.refused == []
     finally:
         loop.close()
+
+
+def test_start_up_summary_says_there_is_no_proxy_and_udp_goes_direct() -> None:
+    settings = load_settings(None, ["proxy.url=direct://"])
+    endpoint = ProxyEndpoint("", 0, scheme="direct")
+    verdict = asyncio.run(startup.udp_at_start(settings, endpoint, None, None))
+    line = startup.summary(settings, startup.DeviceFacts("tun0", 1500, True), None, verdict)
+    assert "; no proxy: direct:// (each flow goes out from a socket of its own); " in line
+    assert "; UDP: yes (directly, a socket per client endpoint); " in line
+    assert "each query to the server it was sent to, directly" in line
+    assert "probe" not in line
