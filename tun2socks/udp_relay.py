@@ -112,8 +112,6 @@ class UdpRelay:
         self.loop = loop
         self.decide = decide
         self.enabled = config.enabled
-        # An HTTP proxy has CONNECT only (RFC 9110 section 9.3.6): no UDP, whatever we ask.
-        self.proxy_carries_udp = proxy().scheme != "http"
         self.refuse_with_icmp = config.when_unsupported == "unreachable"
         self.timeout = timeout
         # Protects the sockets to the proxy from routing back into the TUN (SO_MARK, ...).
@@ -128,6 +126,12 @@ class UdpRelay:
         # route.bind_interface): routes made by hand may send them into the TUN, where each
         # datagram would open a session that sends it again, forever. Dropped instead.
         self.own_ports: set[int] = set()
+
+    @property
+    def proxy_carries_udp(self) -> bool:
+        """An HTTP proxy has CONNECT only (RFC 9110 section 9.3.6): no UDP, whatever we ask.
+        Read each time: a failover list may mix HTTP and SOCKS5 proxies."""
+        return self.proxy().scheme != "http"
 
     # ---------------------------------------------------------------- client -> remote
 

@@ -153,8 +153,9 @@ def build_upstream(url: UpstreamUrl, socks: Socks5Dialer, config: DnsConfig) -> 
         return DohUpstream(url, socks.dial_host, ca_file=config.ca_file)
     address = url.address
     assert address is not None  # parse_upstream checked it
-    # An HTTP proxy has CONNECT only: a udp:// upstream is asked over TCP through it.
-    if url.scheme == "tcp" or (url.scheme == "udp" and socks.proxy.scheme == "http"):
+    # An HTTP proxy has CONNECT only: a udp:// upstream is asked over TCP through it (and
+    # through every proxy of a failover list that has one: TCP works through all of them).
+    if url.scheme == "tcp" or (url.scheme == "udp" and _any_http(socks)):
         return TcpUpstream(label, _via_proxy(socks, url))
     # direct:// as the proxy (the bypass mode): there is no proxy, so udp:// goes direct too
     # (tcp:// and https:// already do: the bypass dialer connects directly).
@@ -182,6 +183,13 @@ def build_upstream(url: UpstreamUrl, socks: Socks5Dialer, config: DnsConfig) -> 
     return UdpUpstream(
         label, exchange, TcpUpstream(label, _via_proxy(socks, url)), close_exchange=exchange.close
     )
+
+
+def _any_http(socks: Socks5Dialer) -> bool:
+    from tun2socks.outbound.failover import FailoverDialer
+
+    dialers = socks.dialers if isinstance(socks, FailoverDialer) else [socks]
+    return any(dialer.proxy.scheme == "http" for dialer in dialers)
 
 
 def _via_proxy(socks: Socks5Dialer, url: UpstreamUrl) -> Connect:

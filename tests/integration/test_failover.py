@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration import apiclient, conftest, dnsbed
+from tests.integration import apiclient, conftest, dnsbed, tinyproxybed
 from tests.integration import bed as bedlib
 
 pytestmark = [
@@ -233,3 +233,96 @@ def test_a_silent_proxy_is_passed_over_after_the_attempt_timeout_and_probed_back
         time.sleep(0.2)
     assert "no connection within 3 s" in t2s.log_text()
     dns_bed.stop_tun2socks()
+
+
+HTTP_PROXY = (3130, "198.19.0.33")  # port, outgoing address (tinyproxy's Bind)
+
+
+class Tinyproxy:
+    """tinyproxy (HTTP CONNECT) in the server namespace, that the test may SIGKILL and restart.
+    `Bind` makes its connections leave from their own address, which /peer then shows."""
+
+    def __init__(self, bed: bedlib.Bed, port: int, external: str) -> None:
+        self.bed, self.port, self.external = bed, port, external
+        bed.run_srv(["ip", "addr", "replace", f"{external}/32", "dev", "lo"], timeout=10)
+        self.log_file = bed.workdir / f"tinyproxy-failover-{port}.log"
+        self.conf = bed.workdir / f"tinyproxy-failover-{port}.conf"
+        text = tinyproxybed.config_text(port, self.log_file, None)
+        self.conf.write_text(text + f"Bind {external}\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{bedlib.SRV_VETH_IP}:{self.port}"
+
+    def start(self) -> None:
+        binary = bedlib.which("tinyproxy") or "tinyproxy"
+        args = ["ip", "netns", "exec", self.bed.srv_ns, binary, "-d", "-c", str(self.conf)]
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + bedlib.READY_TIMEOUT_S
+        while (
+            f"{bedlib.SRV_VETH_IP}:{self.port} "
+            not in self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout
+        ):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "tinyproxy not up"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        for pid in process_tree(self.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+def test_an_http_connect_proxy_and_a_socks5_proxy_in_one_failover_list(
+    dns_bed: bedlib.Bed, request: pytest.FixtureRequest
+) -> None:
+    """Issue 16, item 3: an http:// URL goes wherever a socks5:// one does, failover lists
+    too. tinyproxy first, danted second: `kill -9` of tinyproxy moves new flows (and DNS over
+    TCP) to danted at once; after tinyproxy restarts, the background probe (`OPTIONS *`, RFC
+    9110 section 9.3.7: no CONNECT) finds it alive and new flows use it again."""
+    first, second = Tinyproxy(dns_bed, *HTTP_PROXY), Danted(dns_bed, *SECOND)
+    artifacts = RUN_DIR / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    extra = {
+        "proxy": {"url": [first.url, second.url]},
+        "dns": {"upstreams": [f"udp://{bedlib.TARGET_IP}"], "cache": {"size": 0}},
+        "log": {"level": "info"},
+    }
+    url = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/peer"
+
+    def peer() -> str:
+        proc = dns_bed.run_cli(["curl", "-sS", "--max-time", "5", url], timeout=30)
+        return proc.stdout.strip() or proc.stderr.strip()
+
+    try:
+        first.start()
+        second.start()
+        t2s = dns_bed.start_tun2socks(artifacts / "tun2socks.log", extra=extra)
+        request.node.stash[conftest.STARTED_KEY] = [t2s]
+        assert peer() == HTTP_PROXY[1]
+        assert dig_answers(dns_bed) == [bedlib.TARGET_IP]  # udp:// asked over TCP (CONNECT)
+        first.kill()
+        assert [peer() for _ in range(3)] == [SECOND[1]] * 3  # no failed connection
+        assert dig_answers(dns_bed) == [bedlib.TARGET_IP]
+        first.start()
+        deadline = time.monotonic() + RECOVERY_S
+        while (seen := peer()) != HTTP_PROXY[1]:
+            assert seen == SECOND[1], seen
+            assert time.monotonic() < deadline, t2s.log_tail()
+            time.sleep(0.2)
+        stats = apiclient.call(dns_bed, "/stats").json()["components"]["proxy_default"]
+    finally:
+        dns_bed.stop_tun2socks()
+        first.stop()
+        second.stop()
+    assert stats["active"] == 0 and stats["p0_up"] == 1 and stats["p0_probes"] >= 1, stats
+    assert "OPTIONS * HTTP/1.1" in first.log_file.read_text(errors="replace")
+    log_text = t2s.log_text()
+    assert f"proxy {bedlib.SRV_VETH_IP}:{HTTP_PROXY[0]} is down" in log_text
+    assert f"proxy {bedlib.SRV_VETH_IP}:{HTTP_PROXY[0]} is up again" in log_text

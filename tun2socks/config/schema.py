@@ -130,8 +130,6 @@ class ProxyConfig(BaseModel):
                     raise ValueError(f"entry {number}: {exc}") from None
                 if parsed.scheme == "direct" and len(url) > 1:  # it has nothing to fail over
                     raise ValueError(f"entry {number}: direct:// stands alone, not in a list")
-                if parsed.scheme == "http" and len(url) > 1:  # the probes speak SOCKS5
-                    raise ValueError(f"entry {number}: failover lists take socks5:// URLs only")
         else:
             parse_proxy_url(url, os.environ)
         return url

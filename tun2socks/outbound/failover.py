@@ -1,4 +1,4 @@
-"""Proxy failover: one dialer over an ordered list of SOCKS5 proxies (``proxy.url: [A, B]``).
+"""Proxy failover: one dialer over an ordered list of proxies (``proxy.url: [A, B]``).
 
 Theory of operation
 -------------------
@@ -10,10 +10,13 @@ stack answers only once the upstream is connected), so it sees one slower handsh
 reset. A failure *reply* (the proxy could not reach the destination) says nothing against the
 proxy and is passed on as it is.
 
-A proxy that is down gets a background probe (TCP connect and a SOCKS5 greeting) after
+A proxy that is down gets a background probe (a TCP connect and a question any live server of
+its kind answers: ``probe_question``) after
 ``BACKOFF_MIN_S``, doubling up to ``BACKOFF_MAX_S`` while it keeps failing; once it answers it
 is up again and, being earlier in the list, takes the new flows back. When every proxy is
 down, flows still try them all in order: one that works is up again at once.
+
+The list may mix SOCKS5 and HTTP CONNECT proxies (each entry's dialer speaks its scheme).
 
 Everything that holds "the" SOCKS5 dialer follows the active proxy: this class is a
 ``Socks5Dialer`` whose ``proxy`` is the active proxy's endpoint (DNS upstreams over TCP dial
@@ -44,6 +47,24 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 5.0
 PROBE_TIMEOUT_S = 2.0
 GREETING = b"\x05\x01\x00"  # RFC 1928 section 3: version 5, one method, "no authentication"
+
+
+def probe_question(proxy: socks5.ProxyEndpoint) -> tuple[bytes, Callable[[bytes], bool]]:
+    """What the probe sends to `proxy` and how it judges the first bytes of the answer.
+
+    SOCKS5: the greeting; alive when the answer's version is 5. HTTP: ``OPTIONS *``, which
+    concerns the server itself and is never forwarded (RFC 9110 section 9.3.7, RFC 9112
+    section 3.2.4): no CONNECT, nothing leaves the proxy; alive when any status line comes
+    back (tinyproxy says 400, an authenticating proxy 407: both are alive)."""
+    if proxy.scheme == "http":
+        host = socks5.format_host_port(proxy.host, proxy.port)
+        request = f"OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        return request.encode("ascii", "replace"), _is_http_status_line
+    return GREETING, lambda answer: answer[:1] == b"\x05"
+
+
+def _is_http_status_line(answer: bytes) -> bool:
+    return answer.startswith(b"HTTP/1.") and len(answer) >= 12 and answer[9:12].isdigit()
 
 
 @dataclass
@@ -197,9 +218,10 @@ class FailoverDialer(Socks5Dialer):
             self._probes.pop(index, None)
 
     async def _probe(self, dialer: Socks5Dialer) -> bool:
-        """A TCP connect and a SOCKS5 greeting that gets a version-5 answer."""
+        """A TCP connect and `probe_question` answered as a live proxy of its kind would."""
         loop = asyncio.get_running_loop()
         proxy = dialer.proxy
+        question, alive = probe_question(proxy)
         try:
             family = socket.AF_INET6 if ip_address(proxy.host).version == 6 else socket.AF_INET
             address: tuple[str, int] = (proxy.host, proxy.port)
@@ -217,13 +239,13 @@ class FailoverDialer(Socks5Dialer):
                 dialer.prepare_socket(sock)
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 await loop.sock_connect(sock, address)
-                await loop.sock_sendall(sock, GREETING)
-                answer = await loop.sock_recv(sock, 2)
+                await loop.sock_sendall(sock, question)
+                answer = await loop.sock_recv(sock, 64)
         except (OSError, TimeoutError):
             return False
         finally:
             sock.close()
-        return answer[:1] == b"\x05"
+        return alive(answer)
 
     async def close(self) -> None:
         for task in list(self._probes.values()):

@@ -8,6 +8,7 @@ import pytest
 from tun2socks.config import ConfigError, load_settings
 from tun2socks.outbound import failover
 from tun2socks.outbound.failover import FailoverState
+from tun2socks.outbound.socks5 import ProxyEndpoint
 
 
 def test_all_up_the_configured_order_and_the_first_is_active() -> None:
@@ -57,6 +58,34 @@ def test_no_proxy_is_an_error() -> None:
         FailoverState([])
 
 
+# --- the background probe's question (RFC 1928 section 3; RFC 9110 section 9.3.7) -------------
+
+
+def test_probe_of_a_socks5_proxy_is_the_greeting_and_wants_version_5() -> None:
+    question, alive = failover.probe_question(ProxyEndpoint("192.0.2.1", 1080))
+    assert question == b"\x05\x01\x00"
+    assert alive(b"\x05\x00") and alive(b"\x05\xff")  # any method reply: it speaks SOCKS5
+    assert not alive(b"") and not alive(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+def test_probe_of_an_http_proxy_is_options_asterisk_never_a_connect_rfc9110_9_3_7() -> None:
+    proxy = ProxyEndpoint("192.0.2.1", 3128, "u", "secret", scheme="http")
+    question, alive = failover.probe_question(proxy)
+    assert question == (
+        b"OPTIONS * HTTP/1.1\r\nHost: 192.0.2.1:3128\r\nConnection: close\r\n\r\n"
+    )
+    assert b"secret" not in question and b"CONNECT" not in question
+    # Any status line is a live proxy: tinyproxy answers 400, an authenticating one 407.
+    assert alive(b"HTTP/1.1 400 Bad Request\r\nServer: tinyproxy/1.11.1\r\n")
+    assert alive(b"HTTP/1.0 407 Proxy Authentication Required\r\n")
+    assert not alive(b"\x05\x00") and not alive(b"") and not alive(b"HTTP/1.1 4")
+
+
+def test_probe_host_header_brackets_an_ipv6_proxy_rfc9110_7_2() -> None:
+    question, _ = failover.probe_question(ProxyEndpoint("2001:db8::1", 3128, scheme="http"))
+    assert b"\r\nHost: [2001:db8::1]:3128\r\n" in question
+
+
 # --- configuration ------------------------------------------------------------------------------
 
 
@@ -76,6 +105,16 @@ def test_proxy_url_list_keeps_its_order_and_each_entry_its_own_credentials() -> 
     ]
 
 
+def test_a_failover_list_may_mix_http_connect_and_socks5_proxies() -> None:
+    settings = load_settings(
+        None, ['proxy.url=["http://u:pw@192.0.2.1:3128", "socks5://192.0.2.2:1080"]']
+    )
+    assert [(e.scheme, e.port) for e in settings.proxy.entries()] == [
+        ("http", 3128),
+        ("socks5", 1080),
+    ]
+
+
 def test_a_single_url_is_its_own_only_entry() -> None:
     settings = load_settings(None, ["proxy.url=socks5://192.0.2.1:1080"])
     assert settings.proxy.entries() == [settings.proxy]
@@ -86,10 +125,6 @@ def test_a_single_url_is_its_own_only_entry() -> None:
     [
         ("[]", "proxy.url: must list 1 to 16 proxy URLs"),
         ('["socks5://192.0.2.1:1", "ftp://b:2"]', "proxy.url: entry 1: scheme must be socks5"),
-        (
-            '["socks5://192.0.2.1:1", "http://b:2"]',
-            "proxy.url: entry 1: failover lists take socks5:// URLs only",
-        ),
         ("[1]", "proxy.url: must be a proxy URL or a list of them"),
         ("7", "proxy.url: must be a proxy URL or a list of them (got 7)"),
     ],
