@@ -71,9 +71,7 @@ def test_probe_of_a_socks5_proxy_is_the_greeting_and_wants_version_5() -> None:
 def test_probe_of_an_http_proxy_is_options_asterisk_never_a_connect_rfc9110_9_3_7() -> None:
     proxy = ProxyEndpoint("192.0.2.1", 3128, "u", "secret", scheme="http")
     question, alive = failover.probe_question(proxy)
-    assert question == (
-        b"OPTIONS * HTTP/1.1\r\nHost: 192.0.2.1:3128\r\nConnection: close\r\n\r\n"
-    )
+    assert question == (b"OPTIONS * HTTP/1.1\r\nHost: 192.0.2.1:3128\r\nConnection: close\r\n\r\n")
     assert b"secret" not in question and b"CONNECT" not in question
     # Any status line is a live proxy: tinyproxy answers 400, an authenticating one 407.
     assert alive(b"HTTP/1.1 400 Bad Request\r\nServer: tinyproxy/1.11.1\r\n")
