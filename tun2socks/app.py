@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from tun2socks.device import TunDevice
 from tun2socks.engine import Collaborators, DatagramHandler, DatagramPort, Engine, StatsSource
 from tun2socks.engine import no_domain as no_domain_lookup
-from tun2socks.host import privileges
+from tun2socks.host import privileges, uplink
 from tun2socks.host import routes as system
 from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.observe import api, startup
@@ -64,8 +64,11 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     loop = asyncio.get_running_loop()
     stack = Stack(stack_config(settings, device))
     port = DatagramPort(stack, loop)
-    # Keeps an outbound socket out of the TUN (route.mark / route.bind_interface), or None.
-    protect = direct.protector(settings.route.mark, settings.route.bind_interface)
+    # Keeps an outbound socket out of the TUN (route.mark / route.bind_interface), or None;
+    # with bind_interface "auto", to the default route's interface at each socket.
+    default_interface = uplink.follower(settings.route.bind_interface, device.name)
+    current = default_interface.name if default_interface is not None else None
+    protect = direct.protector(settings.route.mark, settings.route.bind_interface, current)
     # The default proxy's dialer; with several URLs a FailoverDialer, whose `proxy` is the
     # proxy in use now (DNS upstreams and UDP associations follow it).
     socks = routing.proxy_dialer(settings.proxy, protect)
@@ -130,7 +133,9 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     observer = None
-    paths = PathWatch(engine, loop)  # flows whose path went away are reset, not left hanging
+    # Flows whose path went away are reset, not left hanging; shared connections reopened.
+    reopen = [udp_relay.reopen, *([dns.forwarder.reopen_upstreams] if dns else [])]
+    paths = PathWatch(engine, loop, reopen=reopen, uplink=default_interface)
     try:
         paths.start()
         engine.start()

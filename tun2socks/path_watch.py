@@ -7,15 +7,24 @@ only, so it works without privileges in the data-path process of ``run --user`` 
 after each burst of changes, resets every flow whose upstream socket's local address is no
 longer on a link that is up. The client gets an RST at once and opens a new connection, which
 takes the new path (see host/watch.py for the proxy's host route).
+
+When the path out itself changed (tun2socks.host.uplink.PathSummary: the usable addresses or
+the main table's default routes), the connections shared by many flows are reopened: each
+`reopen` callback given (the UDP relay's sessions, the DNS forwarder's upstream connections)
+runs on the loop, and their next use opens new ones by the new path. With
+``route.bind_interface: auto`` the default interface (`uplink`) is looked up again first, in
+the watcher's thread, so that those new sockets bind to the new uplink.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from ipaddress import IPv6Address, ip_address
 from typing import Any, Protocol
 
+from tun2socks.host.uplink import DefaultInterface, PathSummary, summarize
 from tun2socks.host.watch import NetlinkWatcher, usable_addresses
 from tun2socks.relay import Relay
 
@@ -58,17 +67,41 @@ def _normal(address: str) -> str:
 class PathWatch:
     """Starts the watcher thread; hands each change to the loop."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        reopen: Sequence[Callable[[], object]] = (),
+        uplink: DefaultInterface | None = None,
+    ) -> None:
         self.engine = engine
         self.loop = loop
+        self.reopen = list(reopen)
+        self.uplink = uplink
         self.watcher = NetlinkWatcher(self._changed)
+        self._summary: PathSummary | None = None  # the path at the previous change
 
     def start(self) -> None:
         self.watcher.start()
 
     def _changed(self, ipr: Any) -> None:  # in the watcher's thread
         usable = usable_addresses(ipr)
-        self.loop.call_soon_threadsafe(reset_stranded, self.engine, usable)
+        summary = summarize(ipr, usable)
+        if self.uplink is not None and self.uplink.refresh(ipr):
+            log.warning("network changed: outbound sockets bind to %s", self.uplink.describe())
+        moved = self._summary is not None and summary != self._summary
+        self._summary = summary
+        self.loop.call_soon_threadsafe(self._react, usable, moved)
+
+    def _react(self, usable: frozenset[str], moved: bool) -> None:  # on the loop
+        reset_stranded(self.engine, usable)
+        if moved:
+            for reopen in self.reopen:
+                try:
+                    reopen()
+                except Exception:  # one part failing must not keep the others on the old path
+                    log.exception("reopening after a network change failed")
 
     def stop(self) -> None:
         self.watcher.stop()

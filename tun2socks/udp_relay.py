@@ -352,6 +352,22 @@ class UdpRelay:
 
     # ---------------------------------------------------------------- the engine's side
 
+    def reopen(self) -> int:
+        """The path out of the host changed (tun2socks.path_watch): close every session, so
+        that each client's next datagram opens a new association by the new path. An old
+        one may be bound to an address that is gone, or leave by an uplink whose address is
+        not its own (dropped by reverse-path filters and NATs on the way). A proxy that
+        refused UDP is asked again. How many sessions were closed."""
+        sessions = list(self.nat)
+        for key, session in sessions:
+            self.nat.remove(key)
+            self._close(session)
+        self._unsupported_until = 0.0
+        if sessions:
+            self.counters["sessions_reopened"] += len(sessions)
+            log.info("network changed: closed %d UDP sessions (reopened on demand)", len(sessions))
+        return len(sessions)
+
     def stats(self) -> dict[str, int]:
         return {"sessions": len(self.nat), **self.counters}
 

@@ -12,6 +12,7 @@ Queries are POSTed as ``application/dns-message`` with ID 0 (RFC 8484 section 4.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv6Address
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from .upstreams import UpstreamError
+from .upstreams import REOPEN_GRACE, UpstreamError
 from .urls import UpstreamUrl
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class DohUpstream:
         self._dial = dial
         self._ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
+        self._closing: list[asyncio.Task[None]] = []
 
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the running loop.
@@ -102,6 +104,19 @@ class DohUpstream:
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
         return bytes(data)
 
+    def reopen(self) -> None:
+        """The next query opens a new session (new connections by the new path); the old one
+        finishes what it carries and is closed after a grace period."""
+        old, self._session = self._session, None
+        if old is not None:
+            asyncio.get_running_loop().call_later(REOPEN_GRACE, self._close_old, old)
+
+    def _close_old(self, old: aiohttp.ClientSession) -> None:
+        self._closing = [task for task in self._closing if not task.done()]
+        self._closing.append(asyncio.get_running_loop().create_task(old.close()))
+
     async def close(self) -> None:
+        for task in self._closing:
+            await task
         if self._session is not None:
             await self._session.close()

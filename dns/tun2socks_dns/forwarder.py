@@ -395,6 +395,18 @@ class DnsForwarder:
         """Await `closer` first in close() (a part built with the forwarder, e.g. its store)."""
         self._closers.append(closer)
 
+    def reopen_upstreams(self) -> None:
+        """The path out of the host changed (tun2socks.path_watch): the shared upstream
+        connections (TCP streams, the UDP association, DoH sessions) are replaced on the
+        next query, and upstreams that failed during the change get a fresh start."""
+        for upstream in self.upstreams:
+            upstream.reopen()
+        if self.destinations is not None:
+            self.destinations.reopen()
+        self.health = UpstreamHealth(len(self.upstreams))
+        self.counters["reopened"] += 1
+        log.info("network changed: dns upstream connections reopen on the next query")
+
     async def close(self) -> None:
         for closer in self._closers:
             await closer()

@@ -181,7 +181,11 @@ def build_upstream(url: UpstreamUrl, socks: Socks5Dialer, config: DnsConfig) -> 
 
     exchange = SocksUdpExchange(address, url.port, associate)
     return UdpUpstream(
-        label, exchange, TcpUpstream(label, _via_proxy(socks, url)), close_exchange=exchange.close
+        label,
+        exchange,
+        TcpUpstream(label, _via_proxy(socks, url)),
+        close_exchange=exchange.close,
+        reopen_exchange=exchange.reopen,
     )
 
 

@@ -26,7 +26,7 @@ from tun2socks.outbound.socks5_udp import UdpAssociation
 
 from .case_0x20 import randomize_case, same_question
 from .single_flight import SingleFlight
-from .upstreams import UdpUnsupported
+from .upstreams import REOPEN_GRACE, UdpUnsupported
 
 IPAddress = IPv4Address | IPv6Address
 OnDatagram = Callable[[str, int, bytes], None]
@@ -120,6 +120,14 @@ class SocksUdpExchange:
             if not waiter.done():
                 waiter.set_exception(ConnectionResetError(f"UDP association ended: {reason}"))
         self._waiters.clear()
+
+    def reopen(self) -> None:
+        """The next query opens a new association (the path out changed). The old one still
+        delivers answers to the queries it carries (same waiters), then closes."""
+        old, self._association = self._association, None
+        if old is not None:
+            old.on_close = None  # its end no longer concerns the queries of the new one
+            asyncio.get_running_loop().call_later(REOPEN_GRACE, old.close)
 
     def _close_if_idle(self) -> None:
         if not self._waiters and self._association is not None:

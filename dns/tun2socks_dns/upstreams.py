@@ -53,6 +53,7 @@ MAX_DESTINATIONS = 16
 # answered others, or was closing before the query was sent); the caller's timeout bounds it too.
 MAX_RESENDS = 8
 RETIRE_GRACE = 1.0  # seconds a connection that got its last query waits for the server's close
+REOPEN_GRACE = 5.0  # seconds a connection left by reopen() may still deliver answers
 
 
 class UpstreamError(Exception):
@@ -63,6 +64,11 @@ class Upstream(Protocol):
     label: str
 
     async def query(self, request: bytes) -> bytes: ...
+
+    def reopen(self) -> None:
+        """The path out of the host changed (tun2socks.path_watch): new queries go over new
+        connections; what is open takes no more queries and closes after a grace period."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -316,6 +322,14 @@ class TcpUpstream:
             self._below_limit = max(self._below_limit, stream.sent)
             self._per_connection = limit + max(1, limit // 4)
 
+    def reopen(self) -> None:
+        """The next query opens a new connection (by the path the host has now); the current
+        one answers what it carries and closes (see _DnsStream.retire)."""
+        stream, self._stream = self._stream, None
+        if stream is not None and not stream.closed:
+            stream.replaced = True
+            stream.retire()
+
     async def close(self) -> None:
         await self._opening.cancel()
         if self._stream is not None:
@@ -339,10 +353,12 @@ class UdpUpstream:
         tcp: TcpUpstream,
         *,
         close_exchange: Callable[[], Awaitable[None]] | None = None,
+        reopen_exchange: Callable[[], None] | None = None,
     ) -> None:
         self.label = label
         self._exchange = exchange
         self._close_exchange = close_exchange
+        self._reopen_exchange = reopen_exchange
         self._tcp = tcp
         self.tcp_retries = 0
         self.udp_unsupported = False
@@ -363,6 +379,11 @@ class UdpUpstream:
     @property
     def tcp(self) -> TcpUpstream:
         return self._tcp
+
+    def reopen(self) -> None:
+        if self._reopen_exchange is not None:
+            self._reopen_exchange()
+        self._tcp.reopen()
 
     async def close(self) -> None:
         if self._close_exchange is not None:
@@ -422,6 +443,10 @@ class DestinationUpstreams:
         for upstream in self._upstreams.values():
             total.add(upstream.counters)
         return total
+
+    def reopen(self) -> None:
+        for upstream in self._upstreams.values():
+            upstream.reopen()
 
     async def close(self) -> None:
         for upstream in self._upstreams.values():

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tun2socks import logs
 from tun2socks.commands import check_http
 from tun2socks.config import ConfigError, load_settings
+from tun2socks.host import uplink
 from tun2socks.outbound.direct import protector
 from tun2socks.outbound.socks5 import ProxyEndpoint, SocketHook, format_host_port
 from tun2socks.outbound.socks5_wire import (
@@ -291,7 +292,10 @@ def run(args: argparse.Namespace) -> int:
             logs.register_secret(config.password.get_secret_value())
     counts = f"{len(proxies)} proxies, {len(settings.rules)} rules"
     print(f"pass  configuration {args.config}: valid, {counts}")
-    protect = protector(settings.route.mark, settings.route.bind_interface)
+    bind = settings.route.bind_interface
+    default_interface = uplink.follower(bind)  # bind_interface: auto
+    current = default_interface.name if default_interface is not None else None
+    protect = protector(settings.route.mark, bind, current)
     udp = UdpCheck(settings.udp, udp_target, [])
     results = [probe(name, config, target, protect, udp) for name, config in proxies]
     if all(results):

@@ -11,7 +11,9 @@ proxy (passed to ``socks5.connect`` as ``prepare_socket``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from tun2socks.net.events import FlowRequested
@@ -23,13 +25,35 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
-def protector(mark: int, interface: str | None) -> SocketHook | None:
-    """The hook that keeps a socket out of the TUN, or None when neither way is configured."""
+AUTO_INTERFACE = "auto"  # route.bind_interface: the default route's interface at each socket
+
+
+def protector(
+    mark: int,
+    interface: str | None,
+    current_interface: Callable[[int], str | None] | None = None,
+) -> SocketHook | None:
+    """The hook that keeps a socket out of the TUN, or None when neither way is configured.
+
+    With ``interface`` "auto", `current_interface(family)` names the interface to bind to
+    when the socket is made (tun2socks.host.uplink.DefaultInterface.name): sockets follow
+    the default route from one uplink to another."""
     if not mark and not interface:
         return None
-    device = interface.encode() if interface else b""
+    follow = interface == AUTO_INTERFACE
+    if follow and current_interface is None:
+        raise ValueError("bind_interface auto needs the current default interface")
+    fixed = b"" if follow or not interface else interface.encode()
 
     def protect(sock: socket.socket) -> None:
+        name = interface
+        device = fixed
+        if follow:
+            assert current_interface is not None
+            name = current_interface(sock.family)
+            if name is None:
+                raise OSError(errno.ENETUNREACH, "no default route: no interface to bind to")
+            device = name.encode()
         try:
             if mark:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
@@ -39,8 +63,8 @@ def protector(mark: int, interface: str | None) -> SocketHook | None:
             how = "SO_MARK" if mark else "SO_BINDTODEVICE"
             raise PermissionError(f"cannot set {how}: needs CAP_NET_ADMIN") from None
         except OSError as exc:
-            if device and exc.errno == 19:  # ENODEV
-                raise OSError(exc.errno, f"no interface {interface} to bind to") from None
+            if device and exc.errno == errno.ENODEV:
+                raise OSError(exc.errno, f"no interface {name} to bind to") from None
             raise
 
     return protect
