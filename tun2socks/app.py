@@ -66,7 +66,10 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     port = DatagramPort(stack, loop)
     # Keeps an outbound socket out of the TUN (route.mark / route.bind_interface), or None;
     # with bind_interface "auto", to the default route's interface at each socket.
-    default_interface = uplink.follower(settings.route.bind_interface, device.name)
+    # (pyroute2's synchronous API runs a loop of its own: not on this one's thread)
+    default_interface = await asyncio.to_thread(
+        uplink.follower, settings.route.bind_interface, device.name
+    )
     current = default_interface.name if default_interface is not None else None
     protect = direct.protector(settings.route.mark, settings.route.bind_interface, current)
     # The default proxy's dialer; with several URLs a FailoverDialer, whose `proxy` is the

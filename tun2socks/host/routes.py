@@ -84,6 +84,9 @@ class Host:
         self.device: TunDevice | None = None
         self.handover = strict.Handover()  # route.strict: the block taken over from a crash
         self.proxy_routes: list[Change] = []  # the host-route way: kept current by `watch`
+        self.kept_routes: list[Change] = []  # throw routes of route.exclude: put back by `watch`
+        self.proxy_names: dict[str, list[str]] = {}  # proxy host name -> addresses at start
+        self.ruled_families: list[int] = []  # the families whose traffic route.auto captures
         self.watcher: NetlinkWatcher | None = None
 
     @property
@@ -184,12 +187,18 @@ class Host:
             self._add(
                 ipr, "route", family=family, dst=DEFAULT_DST[family], oif=index, table=route.table
             )
+        self.ruled_families = list(ruled)
         for family in ruled:
             for net in route.exclude:
                 if _family(net.version) == family:
-                    self._add(
-                        ipr, "route", family=family, dst=str(net), type="throw", table=route.table
-                    )
+                    args = {
+                        "family": family,
+                        "dst": str(net),
+                        "type": "throw",
+                        "table": route.table,
+                    }
+                    self._add(ipr, "route", **args)
+                    self.kept_routes.append({"kind": "route", "args": args})
         for args in host_routes:
             self._add(ipr, "route", **args)
             self.proxy_routes.append({"kind": "route", "args": args})
@@ -273,6 +282,8 @@ class Host:
                 raise SetupError(f"cannot resolve the proxy host {host}: {exc}") from None
             for *_, sockaddr in infos:
                 found[ip_address(sockaddr[0])] = None
+            # followed by `watch`: a name may get other addresses on another network
+            self.proxy_names[host] = list(dict.fromkeys(str(i[4][0]) for i in infos))
         return list(found)
 
     def _resolver(self, ipr: Any, device: str, index: int) -> None:
@@ -330,7 +341,18 @@ class Host:
         """Follow network changes while running (tun2socks.host.watch): a thread, until close."""
         if self.state is None or not self.proxy_routes or self.watcher is not None:
             return
-        keeper = ProxyRouteKeeper(self.state, self.proxy_routes)
+        configs = [self.settings.proxy, *self.settings.proxies.values()]
+        hosts = [e.host for config in configs for e in config.entries()]
+        fixed = [host for host in hosts if host not in self.proxy_names]
+        keeper = ProxyRouteKeeper(
+            self.state,
+            self.proxy_routes,
+            kept=self.kept_routes,
+            names=self.proxy_names,
+            fixed=fixed,
+            table=self.route.table,
+            families=self.ruled_families,
+        )
         self.watcher = NetlinkWatcher(keeper.refresh)
         self.watcher.start()
 

@@ -16,12 +16,18 @@ main table as it is at each connect.
 
 The lookup is done here (``best_route``, pure) rather than with ``ip route get``: the kernel
 would answer through our own rules and return the stale host route itself.
+
+A proxy given by host name is resolved again after each change (the new network may have
+another resolver, or the name another address): an address it did not have gets a host route
+by its path, one it lost loses its route. And the routes route.auto made that belong to no
+path (the excluded prefixes' throw routes) are put back if something removed them.
 """
 
 from __future__ import annotations
 
 import logging
 import select
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,15 +102,89 @@ def main_routes(ipr: Any, family: int) -> list[RouteView]:
     return views
 
 
+Resolve = Callable[[str], list[str]]  # a host name -> its addresses (getaddrinfo)
+
+
+def resolve_name(host: str) -> list[str]:
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in infos))
+
+
 class ProxyRouteKeeper:
     """The host routes of the proxies, moved to the main table's current path on demand."""
 
-    def __init__(self, state: StateFile, routes: Sequence[Change]) -> None:
+    def __init__(
+        self,
+        state: StateFile,
+        routes: Sequence[Change],
+        *,
+        kept: Sequence[Change] = (),
+        names: dict[str, list[str]] | None = None,
+        fixed: Sequence[str] = (),
+        table: int = 0,
+        families: Sequence[int] = (socket.AF_INET,),
+        resolve: Resolve = resolve_name,
+    ) -> None:
         self.state = state
         self.routes = list(routes)  # as recorded: {"kind": "route", "args": {...}}
+        self.kept = list(kept)  # routes of no path (throw routes): put back when gone
+        self.names = dict(names or {})  # proxy host name -> the addresses it had
+        self.fixed = {str(ip_address(a)) for a in fixed}  # proxies given by address
+        self.table = table
+        self.families = list(families)
+        self.resolve = resolve
 
     def refresh(self, ipr: Any) -> int:
-        """Replace each host route whose path changed; how many were replaced."""
+        """Put back kept routes, follow the names, and replace each host route whose path
+        changed; how many host routes were replaced or added."""
+        for change in self.kept:
+            if not _present(ipr, change["args"]):
+                log.warning("network changed: putting back %s", change["args"]["dst"])
+                try:
+                    ipr.route("replace", **change["args"])
+                except NetlinkError as exc:
+                    log.warning("cannot put back the route %s: %s", change["args"]["dst"], exc)
+        self._follow_names(ipr)
+        return self._follow_paths(ipr)
+
+    def _follow_names(self, ipr: Any) -> None:
+        for name, had in self.names.items():
+            try:
+                now = [a for a in self.resolve(name) if _family(a) in self.families]
+            except OSError as exc:
+                log.info(
+                    "cannot resolve the proxy host %s again: %s; keeping its routes", name, exc
+                )
+                continue
+            if not now or now == had:
+                continue
+            log.warning("network changed: proxy host %s is now %s", name, ", ".join(now))
+            self.names[name] = now
+            wanted = self.fixed | {a for addresses in self.names.values() for a in addresses}
+            for address in set(had) - wanted:
+                self._drop_route(ipr, address)
+            known = {ip_network(c["args"]["dst"]).network_address for c in self.routes}
+            for address in now:
+                if ip_address(address) not in known:
+                    dst = f"{address}/{ip_address(address).max_prefixlen}"
+                    args = {"family": _family(address), "dst": dst, "table": self.table}
+                    self.routes.append({"kind": "route", "args": args})  # its path: below
+
+    def _drop_route(self, ipr: Any, address: str) -> None:
+        for change in list(self.routes):
+            if ip_network(change["args"]["dst"]).network_address != ip_address(address):
+                continue
+            self.routes.remove(change)
+            if "oif" not in change["args"]:
+                continue  # never made
+            try:
+                ipr.route("del", **change["args"])
+            except NetlinkError as exc:
+                log.info("the old proxy route %s was gone already: %s", address, exc)
+            if change in self.state.changes:
+                self.state.forget(change)
+
+    def _follow_paths(self, ipr: Any) -> int:
         replaced = 0
         for index, old in enumerate(list(self.routes)):
             args = old["args"]
@@ -129,12 +209,17 @@ class ProxyRouteKeeper:
                     self.state.forget(new)
                 continue
             if new != old:
-                self.state.forget(old)  # replaced: undoing `new` removes what is there
+                if old in self.state.changes:  # a new address of a name was never recorded
+                    self.state.forget(old)  # replaced: undoing `new` removes what is there
                 self.routes[index] = new
             via = f" via {path.gateway}" if path.gateway else ""
             log.warning("network changed: proxy %s now%s dev #%s", args["dst"], via, path.oif)
             replaced += 1
         return replaced
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ip_address(address).version == 6 else socket.AF_INET
 
 
 def _present(ipr: Any, args: dict[str, Any]) -> bool:
