@@ -144,10 +144,14 @@ class ProxyRouteKeeper:
                     ipr.route("replace", **change["args"])
                 except NetlinkError as exc:
                     log.warning("cannot put back the route %s: %s", change["args"]["dst"], exc)
-        self._follow_names(ipr)
-        return self._follow_paths(ipr)
+        replaced = self._follow_paths(ipr)  # first: a resolver may be slow to answer
+        if self._follow_names(ipr):
+            replaced += self._follow_paths(ipr)
+        return replaced
 
-    def _follow_names(self, ipr: Any) -> None:
+    def _follow_names(self, ipr: Any) -> bool:
+        """Resolve the names again; True when their addresses changed."""
+        changed = False
         for name, had in self.names.items():
             try:
                 now = [a for a in self.resolve(name) if _family(a) in self.families]
@@ -160,6 +164,7 @@ class ProxyRouteKeeper:
                 continue
             log.warning("network changed: proxy host %s is now %s", name, ", ".join(now))
             self.names[name] = now
+            changed = True
             wanted = self.fixed | {a for addresses in self.names.values() for a in addresses}
             for address in set(had) - wanted:
                 self._drop_route(ipr, address)
@@ -168,7 +173,8 @@ class ProxyRouteKeeper:
                 if ip_address(address) not in known:
                     dst = f"{address}/{ip_address(address).max_prefixlen}"
                     args = {"family": _family(address), "dst": dst, "table": self.table}
-                    self.routes.append({"kind": "route", "args": args})  # its path: below
+                    self.routes.append({"kind": "route", "args": args})  # its path: next
+        return changed
 
     def _drop_route(self, ipr: Any, address: str) -> None:
         for change in list(self.routes):
