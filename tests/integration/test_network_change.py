@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import threading
 import time
@@ -263,7 +264,7 @@ def test_new_tcp_udp_and_dns_flows_work_within_2_s_of_each_uplink_change(
     slow = {label: t for label, t in took.items() if max(t.values()) >= RECOVERY_S}
     assert not slow, (slow, t2s.log_tail())
     print(f"{way}: " + "; ".join(f"{k}: {fmt(v)}" for k, v in took.items()))
-    assert "network changed: closed 1 UDP sessions" in t2s.log_text()
+    assert re.search(r"network changed: closed [1-9][0-9]* UDP sessions", t2s.log_text())
     assert "dns upstream connections reopen" in t2s.log_text()
 
 
