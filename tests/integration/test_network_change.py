@@ -113,16 +113,22 @@ WAYS: dict[str, dict[str, Any]] = {
 }
 
 
+FAR2_IP = "198.19.0.21"  # the far proxy's second address (a host name may move to it)
+PROXY_NAME = "farproxy.test"
+
+
 def start_far_udp_proxy(bed: bedlib.Bed) -> str:
-    """danted on FAR_PROXY_IP (reached only by the client's default route) with UDP
+    """danted on FAR_PROXY_IP and FAR2_IP (reached only by the client's default route) with UDP
     ASSOCIATE. It connects out as the bed's proxies do (external lo, by route: from the
     target's own address), so that the echo server's replies come from the address the
     client wrote to (udptool serve answers from the address the route picks)."""
-    bed.run_srv(["ip", "addr", "replace", f"{bedlib.FAR_PROXY_IP}/32", "dev", "lo"], timeout=10)
+    for address in (bedlib.FAR_PROXY_IP, FAR2_IP):
+        bed.run_srv(["ip", "addr", "replace", f"{address}/32", "dev", "lo"], timeout=10)
     conf = bed.workdir / "danted-far-udp.conf"
     conf.write_text(
         f"""logoutput: {bed.workdir / "danted-far-udp.out"}
 internal: {bedlib.FAR_PROXY_IP} port = {FAR_UDP_PORT}
+internal: {FAR2_IP} port = {FAR_UDP_PORT}
 external: lo
 external.rotation: route
 clientmethod: none
@@ -172,16 +178,16 @@ PROBES: dict[str, Callable[[bedlib.Bed], bool]] = {
 
 
 def recovery_times(bed: bedlib.Bed, since: float) -> dict[str, float]:
-    """Seconds from `since` to the start of the first new TCP, UDP and DNS flow that works,
-    each kind in its own thread, so that one's wait does not delay another's (bounded)."""
+    """Seconds from `since` until a new TCP, UDP and DNS flow has worked (the end of the
+    first that succeeds), each kind in its own thread, so that one's wait does not delay
+    another's (bounded)."""
     took = dict.fromkeys(PROBES, float("inf"))
 
     def first_success(kind: str) -> None:
         deadline = since + 10.0
         while time.monotonic() < deadline:
-            began = time.monotonic()
             if PROBES[kind](bed):
-                took[kind] = began - since
+                took[kind] = time.monotonic() - since
                 return
             time.sleep(0.05)
 
@@ -266,6 +272,53 @@ def test_new_tcp_udp_and_dns_flows_work_within_2_s_of_each_uplink_change(
     print(f"{way}: " + "; ".join(f"{k}: {fmt(v)}" for k, v in took.items()))
     assert re.search(r"network changed: closed [1-9][0-9]* UDP sessions", t2s.log_text())
     assert "dns upstream connections reopen" in t2s.log_text()
+
+
+def test_a_proxy_host_name_is_resolved_again_and_its_new_address_gets_the_host_route(
+    bed: bedlib.Bed,
+    start_tun2socks: bedlib.StartTun2socks,
+    artifact_dir: Path,
+    two_uplinks: None,
+) -> None:
+    """The proxy is given by name (the client namespace's /etc/hosts, which `ip netns exec`
+    mounts over /etc/hosts). On the new network the name means another address (the hosts
+    file changes as the default route moves to uplink 2): the host route follows the name to
+    its new address by the new path, the old one goes, and new flows work within 2 s."""
+    bed.stop_tun2socks()
+    bed.start_optional_servers(udp_echo=True)
+    port = start_far_udp_proxy(bed).rsplit(":", 1)[1]
+    hosts = Path("/etc/netns") / bed.cli_ns / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{bedlib.FAR_PROXY_IP} {PROXY_NAME}\n")
+    try:
+        before = snapshot(bed)
+        route = {"auto": True, "state_dir": str(artifact_dir / "state")}
+        extra = {
+            "route": route,
+            "proxy": {"url": f"socks5://{PROXY_NAME}:{port}"},
+            "dns": {"upstreams": [f"udp://{bedlib.TARGET_IP}"], "cache": {"size": 0}},
+            "log": {"level": "info"},
+        }
+        t2s = start_tun2socks(routes=False, extra=extra)
+        assert max(recovery_times(bed, time.monotonic()).values()) < RECOVERY_S, t2s.log_tail()
+        since = time.monotonic()
+        hosts.write_text(f"127.0.0.1 localhost\n{FAR2_IP} {PROXY_NAME}\n")  # same file
+        flip_to_uplink_2(bed)
+        took = recovery_times(bed, since)
+        assert max(took.values()) < RECOVERY_S, (took, t2s.log_tail())
+        table = bed.run_cli(["ip", "route", "show", "table", str(TABLE)], timeout=10).stdout
+        assert f"{FAR2_IP} via {SRV2_IP} dev {CLI2}" in table, table
+        assert bedlib.FAR_PROXY_IP not in table, table
+        assert f"proxy host {PROXY_NAME} is now {FAR2_IP}" in t2s.log_text()
+        t2s.process.kill()
+        t2s.process.wait(10)
+        down = run_cli_tool(bed, "down", "--state-dir", str(artifact_dir / "state"))
+        assert down.returncode == 0, down.stderr
+        flip_to_uplink_1(bed)
+        assert snapshot(bed) == before
+    finally:
+        hosts.unlink(missing_ok=True)
+        restore_uplink_1(bed)
+    print(f"proxy name moved: {fmt(took)}")
 
 
 def run_changes(bed: bedlib.Bed, t2s: bedlib.Tun2socks) -> dict[str, dict[str, float]]:

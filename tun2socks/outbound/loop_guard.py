@@ -7,10 +7,15 @@ puts it back (tun2socks.host.watch): the connection tun2socks opens to the proxy
 the TUN, arrives as a new flow to the proxy, whose dial enters the TUN again, and so on. Such
 a flow is refused at once (RST) instead: the outer connection fails fast and its client
 retries, by which time the route is back.
+
+A proxy given by host name is matched by its addresses of the moment: a flow to the proxy's
+port is checked against what the name resolves to now (the dialer resolves it the same way
+at each connect, and the name may have moved to an address that has no host route yet).
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -27,16 +32,31 @@ class LoopGuard:
     def __init__(self, inner: Dialer, endpoints: Iterable[tuple[str, int]]) -> None:
         self.inner = inner
         self.endpoints: set[tuple[IPAddress, int]] = set()
+        self.names: set[tuple[str, int]] = set()
         for host, port in endpoints:
             try:
                 self.endpoints.add((ip_address(host), port))
             except ValueError:
-                continue  # a name: its addresses are not known here
+                self.names.add((host, port))  # a name: its addresses when a flow comes
 
     async def dial(self, flow: FlowRequested) -> socket.socket:
-        if (flow.dst, flow.dst_port) in self.endpoints:
+        if (flow.dst, flow.dst_port) in self.endpoints or await self._named(flow):
             raise DialError(
                 f"refused: a connection to the proxy {flow.dst} entered the TUN (a routing "
                 "loop while the network changes)"
             )
         return await self.inner.dial(flow)
+
+    async def _named(self, flow: FlowRequested) -> bool:
+        """Whether the flow goes to a proxy given by name (only flows to a proxy's port ask)."""
+        loop = asyncio.get_running_loop()
+        for host, port in self.names:
+            if port != flow.dst_port:
+                continue
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError:
+                continue
+            if any(ip_address(str(info[4][0])) == flow.dst for info in infos):
+                return True
+        return False
