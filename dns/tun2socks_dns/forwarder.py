@@ -124,6 +124,8 @@ class DnsForwarder:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._warned: dict[str, float] = {}
+        # Done when the path out changes (reopen_upstreams): attempts in flight start again.
+        self._path_changed: asyncio.Future[None] = self.loop.create_future()
 
     # ---------------------------------------------------------------- counters
 
@@ -317,9 +319,21 @@ class DnsForwarder:
                 if not attempts:  # cannot happen (Race keeps one running), but never spin
                     await asyncio.sleep(wait)
                 else:
-                    done, _ = await asyncio.wait(
-                        attempts, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                    changed = self._path_changed
+                    finished, _ = await asyncio.wait(
+                        [*attempts, changed], timeout=wait, return_when=asyncio.FIRST_COMPLETED
                     )
+                    if changed in finished:
+                        # The path out changed: an attempt sent the old way may never be
+                        # answered (its connection's address is gone). Ask again the new way,
+                        # within the same race and deadline.
+                        for task, index in list(attempts.items()):
+                            task.cancel()
+                            del attempts[task]
+                            launch([index])
+                        self.counters["asked_again_after_change"] += 1
+                        continue
+                    done = {task for task in attempts if task in finished}
                 now = self.loop.time()
                 if not done:
                     launch(race.handle_timer(now))
@@ -405,6 +419,8 @@ class DnsForwarder:
             self.destinations.reopen()
         self.health = UpstreamHealth(len(self.upstreams))
         self.counters["reopened"] += 1
+        changed, self._path_changed = self._path_changed, self.loop.create_future()
+        changed.set_result(None)  # queries in flight ask again by the new path (see _race)
         log.info("network changed: dns upstream connections reopen on the next query")
 
     async def close(self) -> None:

@@ -1,20 +1,26 @@
 """After a network change the DNS forwarder's shared upstream connections are replaced
 (issue 15, build 2): the next query opens a new one by the new path, while the old one still
-delivers the answers it carries (tun2socks_dns.socks_udp.SocksUdpExchange.reopen,
-tun2socks_dns.upstreams.TcpUpstream.reopen). In memory: associations are lists, TCP
+delivers the answers it carries, and a query in flight is asked again the new way
+(tun2socks_dns.socks_udp.SocksUdpExchange.reopen, tun2socks_dns.upstreams.TcpUpstream.reopen,
+tun2socks_dns.forwarder.DnsForwarder.reopen_upstreams). In memory: associations are lists, TCP
 connections socket pairs whose far end answers as a DNS server over TCP (RFC 7766)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import cast
 
 from dnslib import QTYPE, RR, A, DNSRecord
 
 from tun2socks.outbound.socks5_udp import UdpAssociation
+from tun2socks_dns.cache import CacheSettings, DnsCache
+from tun2socks_dns.forwarder import DnsForwarder, ForwarderSettings
+from tun2socks_dns.hosts import StaticHosts
 from tun2socks_dns.message import question_key, upstream_request
+from tun2socks_dns.resolver import Resolver
 from tun2socks_dns.socks_udp import OnClose, OnDatagram, SocksUdpExchange
 from tun2socks_dns.upstreams import TcpUpstream
 
@@ -125,3 +131,69 @@ def test_tcp_stream_is_replaced_on_reopen_and_the_next_query_uses_a_new_connecti
             far.close()
 
     asyncio.run(main())
+
+
+class PathOfTheMoment:
+    """An upstream whose first path never answers (its address went away) and whose path
+    after reopen() answers at once."""
+
+    label = "udp://192.0.2.53:53"
+
+    def __init__(self) -> None:
+        self.path = 0
+        self.asked: list[int] = []
+
+    async def query(self, request: bytes) -> bytes:
+        self.asked.append(self.path)
+        if self.path == 0:
+            await asyncio.get_running_loop().create_future()  # never answered
+        return answer_to(request, "192.0.2.7")
+
+    def reopen(self) -> None:
+        self.path += 1
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class Datagram:
+    src: IPv4Address
+    src_port: int
+    dst: IPv4Address
+    dst_port: int
+    payload: bytes
+
+
+def test_a_query_in_flight_when_the_path_changes_is_asked_again_by_the_new_path() -> None:
+    """Without asking again it would wait for the old connection until the client's
+    deadline (5 s) and get SERVFAIL; dig's retries join the same pending resolution."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        upstream = PathOfTheMoment()
+        replies: list[tuple[bytes, float]] = []
+        resolver = Resolver(cache=DnsCache(CacheSettings(size=0)), hosts=StaticHosts({}))
+        forwarder = DnsForwarder(
+            resolver,
+            [upstream],
+            None,
+            send_datagram=lambda *args: replies.append((args[-1], loop.time())),
+            settings=ForwarderSettings(timeout=5.0, attempt_timeout=2.0),
+        )
+        client = IPv4Address("198.18.254.1")
+        query = bytes(DNSRecord.question("a.test").pack())
+        forwarder.datagram_received(Datagram(client, 5353, SERVER, 53, query))
+        while not upstream.asked:
+            await asyncio.sleep(0)
+        changed_at = loop.time()
+        forwarder.reopen_upstreams()
+        while not replies:
+            await asyncio.sleep(0.01)
+        ((data, answered_at),) = replies
+        assert upstream.asked == [0, 1]
+        assert str(DNSRecord.parse(data).rr[0].rdata) == "192.0.2.7"
+        assert answered_at - changed_at < 0.5
+        await forwarder.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10.0))
