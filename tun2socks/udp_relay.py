@@ -54,6 +54,7 @@ SocketHook = Callable[[socket.socket], None]
 UNSUPPORTED_RETRY = 60.0  # seconds before a proxy that refused UDP ASSOCIATE is asked again
 PENDING_DATAGRAMS = 64  # per session, while its association is being set up
 PENDING_BYTES = 256 * 1024
+REOPEN_GRACE = 5.0  # seconds an association replaced by reopen() still delivers replies
 _LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 
 
@@ -247,7 +248,8 @@ class UdpRelay:
             self._association_failed(session, exc)
             return
         finally:
-            session.task = None
+            if session.task is asyncio.current_task():  # not replaced by reopen()
+                session.task = None
         if session.closed:
             association.close()
             return
@@ -353,20 +355,27 @@ class UdpRelay:
     # ---------------------------------------------------------------- the engine's side
 
     def reopen(self) -> int:
-        """The path out of the host changed (tun2socks.path_watch): close every session, so
-        that each client's next datagram opens a new association by the new path. An old
-        one may be bound to an address that is gone, or leave by an uplink whose address is
-        not its own (dropped by reverse-path filters and NATs on the way). A proxy that
-        refused UDP is asked again. How many sessions were closed."""
-        sessions = list(self.nat)
-        for key, session in sessions:
-            self.nat.remove(key)
-            self._close(session)
+        """The path out of the host changed (tun2socks.path_watch): every session gets a new
+        association by the new path (its datagrams wait in its queue meanwhile). An old one
+        may be bound to an address that is gone, or leave by an uplink whose address is not
+        its own (dropped by reverse-path filters and NATs on the way); it still delivers the
+        replies on their way for REOPEN_GRACE seconds, then closes. A proxy that refused UDP
+        is asked again. How many sessions were reopened."""
+        reopened = 0
+        for _key, session in list(self.nat):
+            old, session.association = session.association, None
+            if old is not None:
+                old.on_close = None  # its end no longer ends the session
+                self.loop.call_later(REOPEN_GRACE, old.close)
+            if session.task is not None:
+                session.task.cancel()  # opening by the old path
+            session.task = self.loop.create_task(self._associate(session))
+            reopened += 1
         self._unsupported_until = 0.0
-        if sessions:
-            self.counters["sessions_reopened"] += len(sessions)
-            log.info("network changed: closed %d UDP sessions (reopened on demand)", len(sessions))
-        return len(sessions)
+        if reopened:
+            self.counters["sessions_reopened"] += reopened
+            log.info("network changed: %d UDP sessions get new associations", reopened)
+        return reopened
 
     def stats(self) -> dict[str, int]:
         return {"sessions": len(self.nat), **self.counters}
