@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 from tun2socks.device import TunDevice
 from tun2socks.engine import Collaborators, DatagramHandler, DatagramPort, Engine, StatsSource
 from tun2socks.engine import no_domain as no_domain_lookup
-from tun2socks.host import privileges, uplink
-from tun2socks.host import routes as system
+from tun2socks.host import privileges, routes, uplink
 from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.observe import api, startup
 from tun2socks.outbound import direct, routing
@@ -188,7 +187,7 @@ def run(settings: Settings, *, user: str | None = None, watch: Watch | None = No
     # Device, routes and resolver are set up before the loop starts and undone after it ended:
     # pyroute2's synchronous API runs a loop of its own.
     _raise_fd_limit(settings.limits.max_flows)
-    host = system.Host(settings)
+    host = routes.Host(settings)
     try:
         device = host.open_device()
         host.setup()

@@ -36,7 +36,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """0 when nothing is left to undo; 1 when something could not be undone or is in use."""
     # Imported here: pyroute2 is not needed for the other commands.
-    from tun2socks.host import routes as system
+    from tun2socks.host import routes
     from tun2socks.host.state import StateError, StateFile, devices_with_state
 
     state_dir, device = DEFAULT_STATE_DIR, args.device
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name}: nothing to undo")
                 continue
             changes = record["changes"]
-            errors = system.undo(changes)
+            errors = routes.undo(changes)
             for error in errors:
                 print(f"tun2socks: error: {name}: could not undo {error}", file=sys.stderr)
             if errors:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 pid = record.get("pid", "?")
                 print(f"{name}: undid {len(changes)} changes left by pid {pid}")
                 for change in changes:
-                    print(f"  {system.describe(change)}")
+                    print(f"  {routes.describe(change)}")
         finally:
             state.unlock()
     return status

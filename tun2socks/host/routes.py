@@ -48,8 +48,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tun2socks.device import DeviceError, TunDevice
 from tun2socks.errors import UserError
-from tun2socks.host import resolver as system_dns
-from tun2socks.host import strict, uid_rules
+from tun2socks.host import resolver, strict, uid_rules
 from tun2socks.host.state import Change, StateError, StateFile
 from tun2socks.host.watch import NetlinkWatcher, ProxyRouteKeeper, best_route, main_routes
 
@@ -160,7 +159,7 @@ class Host:
         except NetlinkError as exc:
             self.restore()
             raise SetupError(f"cannot set up routes: {_reason(exc)}") from None
-        except (SetupError, StateError, system_dns.ResolverError) as exc:
+        except (SetupError, StateError, resolver.ResolverError) as exc:
             self.restore()
             raise SetupError(str(exc)) from None
         except BaseException:
@@ -292,15 +291,15 @@ class Host:
             iface = ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
             if not iface.ip.is_link_local:
                 addresses.append(iface)
-        servers = system_dns.dns_servers(addresses)
+        servers = resolver.dns_servers(addresses)
         if not servers:
             raise SetupError(
                 f"route.system_dns: {device} has no address prefix with room for a DNS "
                 "server address besides its own (use a prefix shorter than /31)"
             )
-        change = system_dns.plan(device, servers)
+        change = resolver.plan(device, servers)
         self._record(change)
-        system_dns.point(change)
+        resolver.point(change)
         log.info("resolver pointed at %s", ", ".join(servers))
 
     def _record(self, change: Change) -> None:
@@ -409,7 +408,7 @@ def undo(changes: Sequence[Change]) -> list[str]:
                         ipr = IPRoute()
                     _delete(ipr, change)
                 elif kind in ("resolv_conf", "resolvectl"):
-                    system_dns.restore(change)
+                    resolver.restore(change)
                 else:
                     errors.append(f"unknown change {kind!r}")
             except NetlinkError as exc:

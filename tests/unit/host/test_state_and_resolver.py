@@ -1,4 +1,4 @@
-"""The change record and lock (system_state), the resolver file (system_dns), how changes read."""
+"""The change record and lock (host/state.py), the resolver file (host/resolver.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tun2socks.host import resolver as system_dns
+from tun2socks.host import resolver
 from tun2socks.host.routes import describe
 from tun2socks.host.state import AlreadyRunning, StateError, StateFile, devices_with_state
 
@@ -133,19 +133,19 @@ def test_dns_server_is_the_next_address_in_each_tun_prefix() -> None:
         ip_interface("192.0.2.7/32"),  # no room
         ip_interface("fd00:7f::1/64"),
     ]
-    assert system_dns.dns_servers(addresses) == ["198.18.0.2", "10.0.0.253", "fd00:7f::2"]
+    assert resolver.dns_servers(addresses) == ["198.18.0.2", "10.0.0.253", "fd00:7f::2"]
 
 
 def test_resolv_conf_is_pointed_and_restored(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 192.0.2.53\n")
     inode = resolv.stat().st_ino
-    change = system_dns.plan("tun7", ["198.18.0.2"], resolv)
+    change = resolver.plan("tun7", ["198.18.0.2"], resolv)
     assert change["content"] == "nameserver 192.0.2.53\n"
-    system_dns.point(change)
+    resolver.point(change)
     assert resolv.read_text().endswith("nameserver 198.18.0.2\n")
     assert resolv.stat().st_ino == inode  # rewritten in place: bind mounts keep working
-    system_dns.restore(change)
+    resolver.restore(change)
     assert resolv.read_text() == "nameserver 192.0.2.53\n"
 
 
@@ -154,29 +154,29 @@ def test_a_symlinked_resolv_conf_is_restored_as_the_link(tmp_path: Path) -> None
     target.write_text("nameserver 192.0.2.53\n")
     resolv = tmp_path / "resolv.conf"
     resolv.symlink_to("real.conf")
-    change = system_dns.plan("tun7", ["198.18.0.2"], resolv)
-    system_dns.point(change)
+    change = resolver.plan("tun7", ["198.18.0.2"], resolv)
+    resolver.point(change)
     assert not resolv.is_symlink()
     assert target.read_text() == "nameserver 192.0.2.53\n"  # what it pointed to is untouched
-    system_dns.restore(change)
+    resolver.restore(change)
     assert os.readlink(resolv) == "real.conf"
 
 
 def test_a_resolver_rewritten_by_someone_else_is_left_alone(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 192.0.2.53\n")
-    change = system_dns.plan("tun7", ["198.18.0.2"], resolv)
-    system_dns.point(change)
+    change = resolver.plan("tun7", ["198.18.0.2"], resolv)
+    resolver.point(change)
     resolv.write_text("nameserver 192.0.2.99\n")  # a DHCP client, meanwhile
-    system_dns.restore(change)
+    resolver.restore(change)
     assert resolv.read_text() == "nameserver 192.0.2.99\n"
 
 
 def test_restore_of_a_change_never_made_changes_nothing(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 192.0.2.53\n")
-    change = system_dns.plan("tun7", ["198.18.0.2"], resolv)  # recorded, then killed
-    system_dns.restore(change)
+    change = resolver.plan("tun7", ["198.18.0.2"], resolv)  # recorded, then killed
+    resolver.restore(change)
     assert resolv.read_text() == "nameserver 192.0.2.53\n"
 
 
