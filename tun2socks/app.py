@@ -26,6 +26,7 @@ from tun2socks.outbound import direct, routing
 from tun2socks.outbound.dialer import Dialer
 from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.outbound.reachability import ProxyProber
+from tun2socks.outbound.session_pool import SessionPools
 from tun2socks.path_watch import PathWatch
 from tun2socks.udp_relay import UdpRelay
 from tun2socks_dns import install as dns_parts
@@ -73,8 +74,13 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     protect = direct.protector(settings.route.mark, settings.route.bind_interface, current)
     # The default proxy's dialer; with several URLs a FailoverDialer, whose `proxy` is the
     # proxy in use now (DNS upstreams and UDP associations follow it).
-    socks = routing.proxy_dialer(settings.proxy, protect)
-    named = {name: routing.proxy_dialer(c, protect) for name, c in settings.proxies.items()}
+    # Logged-in sessions kept ready and the pipelining probe, per SOCKS5 proxy.
+    sessions = SessionPools()
+    socks = routing.proxy_dialer(settings.proxy, protect, sessions)
+    named = {
+        name: routing.proxy_dialer(c, protect, sessions, name)
+        for name, c in settings.proxies.items()
+    }
     failovers = {
         name: dialer
         for name, dialer in [("default", socks), *named.items()]
@@ -100,6 +106,7 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     udp_by_port: dict[int, DatagramHandler] = {}
     stats: dict[str, StatsSource] = {"udp": udp_relay.stats, "ip": stack.ip_stats}
     stats.update({f"proxy_{name}": failover.stats for name, failover in failovers.items()})
+    stats.update(sessions.stats_sources())
     # The start-up summary and the proxy's comings and goings show at the default log level;
     # `exec` (a watch) keeps its command's output clean and says them at info only.
     announce = log if watch is not None else logging.getLogger(startup.SUMMARY_LOGGER)
@@ -160,6 +167,7 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
         udp_relay.close()
         for failover in failovers.values():
             await failover.close()
+        await sessions.close()
         if dns is not None:
             await dns.forwarder.close()
         if observer is not None:

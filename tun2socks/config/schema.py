@@ -28,6 +28,7 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     SecretStr,
+    StrictBool,
     StrictStr,
     ValidationInfo,
     field_validator,
@@ -35,6 +36,7 @@ from pydantic import (
 )
 
 from tun2socks.config.echo import echo
+from tun2socks.config.proxy_pool import ProxyPoolConfig
 from tun2socks.config.proxy_url import (
     ParsedProxyUrl,
     expand_variables,
@@ -104,7 +106,10 @@ class ProxyConfig(BaseModel):
     # (tun2socks.outbound.failover).
     url: StrictStr | list[StrictStr]
     connect_timeout: float = Field(default=10.0, gt=0, strict=True, allow_inf_nan=False)
-    pipeline: bool = Field(default=False, strict=True)  # greeting, auth, request in one write
+    # Greeting, auth and request in one write: true, false, or auto (probed on first use).
+    pipeline: Literal["auto"] | StrictBool = "auto"
+    fast_open: bool = Field(default=False, strict=True)  # TCP Fast Open to the proxy
+    pool: ProxyPoolConfig = Field(default_factory=ProxyPoolConfig)
 
     _endpoint: ParsedProxyUrl = PrivateAttr()
 
@@ -148,10 +153,8 @@ class ProxyConfig(BaseModel):
         """One ProxyConfig per URL, in failover order (just this one for a single URL)."""
         if isinstance(self.url, str):
             return [self]
-        return [
-            ProxyConfig(url=url, connect_timeout=self.connect_timeout, pipeline=self.pipeline)
-            for url in self.url
-        ]
+        shared = {name: getattr(self, name) for name in type(self).model_fields if name != "url"}
+        return [ProxyConfig(url=url, **shared) for url in self.url]
 
     @property
     def scheme(self) -> str:

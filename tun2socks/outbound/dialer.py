@@ -14,6 +14,8 @@ from typing import Protocol
 
 from tun2socks.net.events import FlowRequested
 from tun2socks.outbound import http_connect, socks5
+from tun2socks.outbound.pipeline_probe import Pipelining
+from tun2socks.outbound.session_pool import SessionPool
 
 
 class DialError(Exception):
@@ -37,7 +39,13 @@ class HostDialer(Dialer, Protocol):
 
 class Socks5Dialer:
     """Every flow through one proxy, to the address the client connected to: SOCKS5, or an
-    HTTP proxy by CONNECT when ``proxy.scheme`` is "http" (same errors, same protection)."""
+    HTTP proxy by CONNECT when ``proxy.scheme`` is "http" (same errors, same protection).
+
+    ``pipeline``: send the handshake in one write (True), never (False), or as a probe found
+    out (``Pipelining`` with ``auto``). ``pool``: logged-in sessions to take a flow's CONNECT
+    to (SOCKS5 only); a session found dead is dropped and the flow dialed afresh, unseen by
+    the client. ``fast_open``: TCP Fast Open to the proxy on fresh connections.
+    """
 
     def __init__(
         self,
@@ -45,12 +53,16 @@ class Socks5Dialer:
         *,
         timeout: float,
         prepare_socket: Callable[[socket.socket], None] | None = None,
-        pipeline: bool = True,
+        pipeline: bool | Pipelining = True,
+        pool: SessionPool | None = None,
+        fast_open: bool = False,
     ) -> None:
         self.proxy = proxy
         self.timeout = timeout
         self.prepare_socket = prepare_socket
-        self.pipeline = pipeline  # False for servers that read one message per recv (microsocks)
+        self.pipeline = pipeline if isinstance(pipeline, Pipelining) else Pipelining(pipeline)
+        self.pool = pool
+        self.fast_open = fast_open
 
     async def dial(self, flow: FlowRequested) -> socket.socket:
         return await self.dial_host(flow.dst, flow.dst_port)
@@ -61,12 +73,22 @@ class Socks5Dialer:
             return await http_connect.connect(
                 self.proxy, host, port, timeout=self.timeout, prepare_socket=self.prepare_socket
             )
+        if self.pool is not None and (session := self.pool.take()) is not None:
+            try:
+                await socks5.connect_on_session(
+                    session, self.proxy, host, port, timeout=self.timeout
+                )
+            except socks5.Socks5SessionLost:
+                self.pool.lost()  # an idle timeout or a restart of the proxy: dial afresh
+            else:
+                return session
         sock, _bound = await socks5.connect(
             self.proxy,
             host,
             port,
             timeout=self.timeout,
-            pipeline=self.pipeline,
+            pipeline=self.pipeline.use_now(),
             prepare_socket=self.prepare_socket,
+            fast_open=self.fast_open,
         )
         return sock

@@ -9,6 +9,7 @@ Every outbound socket, to a proxy or direct, gets the protection hook (``route.m
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Callable, Mapping
@@ -21,6 +22,9 @@ from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
 from tun2socks.outbound.direct import BypassDialer, DirectDialer
 from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.outbound.loop_guard import LoopGuard
+from tun2socks.outbound.pipeline_probe import Pipelining, probe_pipelining
+from tun2socks.outbound.pool_policy import PoolPolicy
+from tun2socks.outbound.session_pool import SessionPool, SessionPools
 from tun2socks.rules import Action, Decision, RuleSet
 
 if TYPE_CHECKING:
@@ -89,22 +93,62 @@ def _target(host: str | IPAddress, port: int) -> str:
     return socks5.format_host_port(host, port)
 
 
-def proxy_dialer(config: ProxyConfig, protect: socks5.SocketHook | None) -> Socks5Dialer:
+def proxy_dialer(
+    config: ProxyConfig,
+    protect: socks5.SocketHook | None,
+    sessions: SessionPools | None = None,
+    name: str = "default",
+) -> Socks5Dialer:
     """The dialer of one proxy setting: a FailoverDialer when its url lists several, a
-    BypassDialer for direct:// (which stands alone: the schema keeps it out of lists)."""
+    BypassDialer for direct:// (which stands alone: the schema keeps it out of lists). With
+    `sessions`, each SOCKS5 proxy gets its pipelining probe and session pool registered there
+    as `pool` (the default proxy) or `pool_NAME`, `_pN` after the first of a list."""
     if config.scheme == "direct":
         endpoint = socks5.ProxyEndpoint.from_config(config)
         return BypassDialer(endpoint, timeout=config.connect_timeout, prepare_socket=protect)
-    dialers = [
-        Socks5Dialer(
-            socks5.ProxyEndpoint.from_config(entry),
-            timeout=entry.connect_timeout,
-            prepare_socket=protect,
-            pipeline=entry.pipeline,
+    entries = config.entries()
+    dialers = []
+    for index, entry in enumerate(entries):
+        stats_name = "pool" if name == "default" else f"pool_{name}"
+        dialers.append(
+            _socks5_dialer(entry, protect, sessions, stats_name + (f"_p{index}" if index else ""))
         )
-        for entry in config.entries()
-    ]
     return dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
+
+
+def _socks5_dialer(
+    entry: ProxyConfig,
+    protect: socks5.SocketHook | None,
+    sessions: SessionPools | None,
+    stats_name: str,
+) -> Socks5Dialer:
+    proxy = socks5.ProxyEndpoint.from_config(entry)
+    timeout = entry.connect_timeout
+    probe = functools.partial(probe_pipelining, proxy, prepare_socket=protect)
+    pipelining = Pipelining(entry.pipeline, probe, label=proxy.address)
+    pool = None
+    if proxy.scheme == "socks5" and entry.pool.size > 0:
+
+        async def open_session() -> socket.socket:
+            return await socks5.open_session(
+                proxy,
+                timeout=timeout,
+                pipeline=pipelining.use_now(),
+                prepare_socket=protect,
+                fast_open=entry.fast_open,
+            )
+
+        pool = SessionPool(open_session, PoolPolicy(entry.pool.size, entry.pool.max_age))
+    if sessions is not None and proxy.scheme == "socks5":
+        sessions.add(stats_name, pipelining, pool)
+    return Socks5Dialer(
+        proxy,
+        timeout=timeout,
+        prepare_socket=protect,
+        pipeline=pipelining,
+        pool=pool,
+        fast_open=entry.fast_open,
+    )
 
 
 def build_dialer(

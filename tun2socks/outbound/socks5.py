@@ -17,12 +17,13 @@ logged here (the caller logs once), and no message or repr contains the password
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from tun2socks.outbound.socks5_wire import (
     AUTH_REPLY_SIZE,
@@ -43,6 +44,9 @@ from tun2socks.outbound.socks5_wire import (
 )
 
 SocketHook = Callable[[socket.socket], None]
+T = TypeVar("T")
+# linux/tcp.h: connect() returns at once and the first write goes out in the SYN (Linux 4.11).
+TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -200,6 +204,7 @@ async def connect(
     timeout: float,
     pipeline: bool = True,
     prepare_socket: SocketHook | None = None,
+    fast_open: bool = False,
 ) -> tuple[socket.socket, tuple[str, int]]:
     """A socket connected through ``proxy`` to ``dst_host:dst_port``, and the proxy's bound address.
 
@@ -209,7 +214,9 @@ async def connect(
     ``timeout`` bounds resolving, connecting and the handshake together. ``pipeline=False``
     waits for each reply before sending the next message, for servers that cannot take them
     together. ``prepare_socket`` runs on the new socket before it connects (e.g. ``SO_MARK`` or
-    ``SO_BINDTODEVICE`` so that the proxy connection stays out of the TUN).
+    ``SO_BINDTODEVICE`` so that the proxy connection stays out of the TUN). ``fast_open`` asks
+    for TCP Fast Open (RFC 7413): the first write (the greeting) rides in the SYN when the
+    kernel holds a cookie for the proxy; silently a plain connect where the kernel cannot.
 
     Raises a ``Socks5Error`` subclass on failure; ``ValueError`` for an unusable destination
     (a port out of range, a name longer than 255 bytes).
@@ -222,6 +229,7 @@ async def connect(
         timeout=timeout,
         pipeline=pipeline,
         prepare_socket=prepare_socket,
+        fast_open=fast_open,
     )
 
 
@@ -235,6 +243,7 @@ async def request(
     pipeline: bool = True,
     prepare_socket: SocketHook | None = None,
     address_from_socket: Callable[[socket.socket], tuple[str, int]] | None = None,
+    fast_open: bool = False,
 ) -> tuple[socket.socket, tuple[str, int]]:
     """The driver behind ``connect`` and UDP ASSOCIATE: the control socket and the bound address.
 
@@ -245,15 +254,86 @@ async def request(
     command_name = command.name.replace("_", " ")
     request_bytes = build_request(command, dst_host, dst_port)
     attempt = _Attempt(proxy, command_name, format_host_port(dst_host, dst_port))
+
+    async def steps() -> tuple[str, int]:
+        nonlocal request_bytes
+        await attempt.connect_to_proxy(prepare_socket, fast_open=fast_open)
+        if address_from_socket is not None:
+            assert attempt.sock is not None
+            host, port = address_from_socket(attempt.sock)
+            request_bytes = build_request(command, host, port)
+            attempt.target = format_host_port(host, port)
+        return await attempt.negotiate(request_bytes, pipeline=pipeline)
+
+    bound = await _bounded(attempt, timeout, steps)
+    assert attempt.sock is not None
+    return attempt.sock, bound
+
+
+# --- sessions: login now, request later (outbound/session_pool.py) -------------------------------
+
+
+class Socks5SessionLost(Socks5ProtocolError):
+    """A logged-in session was gone when its request was sent: the proxy closed or reset it
+    before any byte of the reply (an idle timeout, a restart). A fresh connection may work."""
+
+
+async def open_session(
+    proxy: ProxyEndpoint,
+    *,
+    timeout: float,
+    pipeline: bool,
+    prepare_socket: SocketHook | None = None,
+    fast_open: bool = False,
+) -> socket.socket:
+    """A socket to ``proxy`` on which the greeting and authentication are done (RFC 1928
+    section 3, RFC 1929), ready for one request by ``connect_on_session``. With ``pipeline``
+    the greeting and authentication go in one write."""
+    attempt = _Attempt(proxy, "login", proxy.address)
+
+    async def steps() -> None:
+        await attempt.connect_to_proxy(prepare_socket, fast_open=fast_open)
+        await attempt.login(pipeline=pipeline)
+
+    await _bounded(attempt, timeout, steps)
+    assert attempt.sock is not None
+    return attempt.sock
+
+
+async def connect_on_session(
+    sock: socket.socket,
+    proxy: ProxyEndpoint,
+    dst_host: str | IPv4Address | IPv6Address,
+    dst_port: int,
+    *,
+    timeout: float,
+) -> tuple[str, int]:
+    """CONNECT (RFC 1928 section 4) on a session from ``open_session``: one round trip. The
+    proxy's bound address; on failure the socket is closed and a ``Socks5Error`` raised,
+    ``Socks5SessionLost`` when the session turned out to be dead."""
+    try:
+        request_bytes = build_request(Command.CONNECT, dst_host, dst_port)
+    except ValueError:
+        sock.close()
+        raise
+    attempt = _Attempt(proxy, "CONNECT", format_host_port(dst_host, dst_port), sock)
+
+    async def steps() -> tuple[str, int]:
+        return await attempt.send_request(request_bytes)
+
+    try:
+        return await _bounded(attempt, timeout, steps)
+    except Socks5ProtocolError as exc:
+        if attempt.received or isinstance(exc, Socks5SessionLost):
+            raise
+        raise attempt.error(Socks5SessionLost, exc.reason) from None
+
+
+async def _bounded(attempt: _Attempt, timeout: float, steps: Callable[[], Awaitable[T]]) -> T:
+    """``steps()`` within ``timeout``; the attempt's socket is closed if they fail."""
     try:
         async with asyncio.timeout(timeout):
-            await attempt.connect_to_proxy(prepare_socket)
-            if address_from_socket is not None:
-                assert attempt.sock is not None
-                host, port = address_from_socket(attempt.sock)
-                request_bytes = build_request(command, host, port)
-                attempt.target = format_host_port(host, port)
-            bound = await attempt.negotiate(request_bytes, pipeline=pipeline)
+            return await steps()
     except TimeoutError:
         attempt.close()
         raise attempt.error(
@@ -262,18 +342,23 @@ async def request(
     except BaseException:
         attempt.close()
         raise
-    assert attempt.sock is not None
-    return attempt.sock, bound
 
 
 class _Attempt:
     """One request in progress: its socket, what it is waiting for, how to word its errors."""
 
-    def __init__(self, proxy: ProxyEndpoint, command: str, target: str) -> None:
+    def __init__(
+        self,
+        proxy: ProxyEndpoint,
+        command: str,
+        target: str,
+        sock: socket.socket | None = None,
+    ) -> None:
         self.proxy = proxy
         self.command = command
         self.target = target
-        self.sock: socket.socket | None = None
+        self.sock = sock
+        self.received = 0  # bytes read from the proxy so far
         self.phase = "resolving the proxy host"
         self.loop = asyncio.get_running_loop()
 
@@ -286,7 +371,9 @@ class _Attempt:
         if self.sock is not None:
             self.sock.close()
 
-    async def connect_to_proxy(self, prepare_socket: SocketHook | None) -> None:
+    async def connect_to_proxy(
+        self, prepare_socket: SocketHook | None, *, fast_open: bool = False
+    ) -> None:
         last_error: OSError | None = None
         for family, sockaddr in await self._proxy_addresses():
             self.phase = "connecting to the proxy"
@@ -295,6 +382,9 @@ class _Attempt:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if fast_open:  # a kernel without it (or with it off) connects as usual
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
                 if prepare_socket is not None:
                     prepare_socket(sock)
                 await self.loop.sock_connect(sock, sockaddr)
@@ -324,6 +414,13 @@ class _Attempt:
         return [(family, (str(addr[0]), int(addr[1]))) for family, _, _, _, addr in infos]
 
     async def negotiate(self, request: bytes, *, pipeline: bool) -> tuple[str, int]:
+        """Greeting, authentication, ``request`` and its reply; pipelined: one write."""
+        await self.login(pipeline=pipeline, request=request if pipeline else b"")
+        return await self.send_request(b"" if pipeline else request)
+
+    async def login(self, *, pipeline: bool, request: bytes = b"") -> None:
+        """Greeting and authentication. With ``pipeline`` both go in one write, followed by
+        ``request`` (whose reply ``send_request(b"")`` then reads)."""
         username, password = self.proxy.username, self.proxy.password
         auth = (
             build_auth(username, password)
@@ -356,7 +453,13 @@ class _Attempt:
                 if status != 0:
                     reason = f"username/password rejected (status {status})"
                     raise self.error(Socks5AuthFailed, reason)
-            if not pipeline:
+        except Socks5WireError as exc:
+            raise self.error(Socks5ProtocolError, f"{exc} while {self.phase}") from None
+
+    async def send_request(self, request: bytes) -> tuple[str, int]:
+        """Send ``request`` (empty: it went out with the login) and read its reply."""
+        try:
+            if request:
                 await self._send(request)
             self.phase = f"waiting for the {self.command} reply"
             return await self._recv_reply()
@@ -378,6 +481,7 @@ class _Attempt:
         except OSError as exc:
             reason = f"{_os_reason(exc)} while {self.phase}"
             raise self.error(Socks5ProtocolError, reason) from None
+        self.received += len(chunk)
         if not chunk:
             # Some servers send only VER REP before closing on failure: report that REP.
             if request_reply and len(buf) >= 2 and buf[0] == SOCKS_VERSION and buf[1] != 0:
@@ -419,8 +523,11 @@ __all__ = [
     "Socks5ProtocolError",
     "Socks5ProxyUnreachable",
     "Socks5ReplyError",
+    "Socks5SessionLost",
     "Socks5Timeout",
     "connect",
+    "connect_on_session",
     "format_host_port",
+    "open_session",
     "request",
 ]

@@ -19,7 +19,7 @@ def test_defaults() -> None:
     assert s.udp.when_unsupported == "unreachable"
     assert s.icmp.echo == "reply"
     assert (s.limits.reassembly_memory, s.limits.reassembly_timeout) == (4 * 1024 * 1024, 30.0)
-    assert s.proxy.pipeline is False
+    assert s.proxy.pipeline == "auto"
 
 
 def test_overrides() -> None:

@@ -1,0 +1,61 @@
+"""How many logged-in sessions to keep ready for one proxy, and for how long; sans-IO.
+
+Theory of operation: every new flow through the proxy is reported with ``flow_made(now)``.
+The target size is the number of flows made in the last ``RATE_WINDOW_S`` seconds, capped at
+``max_size``: a steady trickle keeps one session ready, a burst as many as it used, and a
+proxy nobody uses none at all. Sessions are only ever opened right after a flow was made
+(``to_open``), so an idle tun2socks opens nothing; ready sessions that wait longer than
+``max_age`` are closed (``expired``), before the proxy's own negotiation timeout closes them
+(Dante: ``timeout.negotiate``, 30 s by default). After a session could not be opened the
+pool holds off for ``OPEN_HOLD_OFF_S`` so that a proxy that is down is not asked twice per
+flow; the flows themselves still dial it and report why it fails.
+
+Time is an argument (seconds on any monotonic clock), so tests step it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+RATE_WINDOW_S = 1.0
+OPEN_HOLD_OFF_S = 1.0
+
+
+class PoolPolicy:
+    """The sizing and ageing rules of one proxy's session pool."""
+
+    def __init__(self, max_size: int, max_age: float) -> None:
+        if max_size < 0:
+            raise ValueError(f"pool size must be >= 0, got {max_size}")
+        if max_age <= 0:
+            raise ValueError(f"pool max age must be > 0, got {max_age}")
+        self.max_size = max_size
+        self.max_age = max_age
+        # Only the newest max_size flows matter: the target never exceeds that many.
+        self._flows: deque[float] = deque(maxlen=max(max_size, 1))
+        self._hold_off_until = float("-inf")
+
+    def flow_made(self, now: float) -> None:
+        self._flows.append(now)
+
+    def target(self, now: float) -> int:
+        """Sessions worth keeping ready: flows made in the last window, at most max_size."""
+        if self.max_size == 0:
+            return 0
+        since = now - RATE_WINDOW_S
+        return sum(1 for t in self._flows if t > since)
+
+    def to_open(self, now: float, ready: int, opening: int) -> int:
+        """How many sessions to start opening now, given those ready and those on the way."""
+        if now < self._hold_off_until:
+            return 0
+        return max(0, self.target(now) - ready - opening)
+
+    def open_failed(self, now: float) -> None:
+        self._hold_off_until = now + OPEN_HOLD_OFF_S
+
+    def expires_at(self, opened_at: float) -> float:
+        return opened_at + self.max_age
+
+    def expired(self, opened_at: float, now: float) -> bool:
+        return now >= self.expires_at(opened_at)
