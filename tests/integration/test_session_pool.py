@@ -1,0 +1,247 @@
+"""The SOCKS5 session pool and pipelining (issue 14, build 2) against real danted and microsocks:
+a proxy that closes idle sessions, a proxy restarted under the pool, a wrong password,
+microsocks (which loses pipelined messages) with ``pipeline: auto``, TCP Fast Open, and a pool
+that opens nothing while no flows are made. Counters come from ``/stats`` (components.pool).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration import apiclient, httpserver
+from tests.integration import bed as bedlib
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        bool(bedlib.missing_requirements()),
+        reason="needs " + ", ".join(bedlib.missing_requirements()),
+    ),
+]
+
+URL = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/small"
+SHORT_NEGOTIATE_PORT = 1097  # a danted that closes a session idle for 1 s before its request
+RESTART_PORT = 1098  # a danted the test kills and starts again
+FAST_OPEN_PORT = 1099  # a danted whose listener takes TCP Fast Open
+AUTH_FAILURE = re.compile(r"(?i)(auth|password|credential).*(fail|reject|denied|invalid|wrong|bad)")
+
+
+class Danted:
+    """A danted of this module in the server namespace, which the test may SIGKILL."""
+
+    def __init__(self, bed: bedlib.Bed, port: int, *, negotiate_s: int = 10) -> None:
+        self.bed, self.port = bed, port
+        self.conf = bed.workdir / f"danted-pool-{port}.conf"
+        self.conf.write_text(
+            f"""logoutput: {bed.workdir / f"danted-pool-{port}.out"}
+internal: {bedlib.SRV_VETH_IP} port = {port}
+external: lo
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+timeout.negotiate: {negotiate_s}
+client pass {{ from: 198.18.0.0/15 to: 0/0 }}
+socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
+socks block {{ from: 0/0 to: 0/0 log: connect error }}
+"""
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"socks5://{bedlib.SRV_VETH_IP}:{self.port}"
+
+    def start(self) -> None:
+        danted = bedlib.which("danted") or "danted"
+        pid_file = self.bed.workdir / f"danted-pool-{self.port}.pid"
+        args = ["ip", "netns", "exec", self.bed.srv_ns, danted, "-f", str(self.conf)]
+        self.proc = subprocess.Popen(
+            [*args, "-p", str(pid_file), "-N", "2"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + bedlib.READY_TIMEOUT_S
+        listening = f"{bedlib.SRV_VETH_IP}:{self.port} "
+        while listening not in self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout:
+            assert self.proc.poll() is None and time.monotonic() < deadline, "danted not up"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL to danted and its children at once: no orderly goodbye to any session."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for pid in _process_tree(self.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def _process_tree(pid: int) -> list[int]:
+    tree = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            tree += _process_tree(int(child))
+    return tree
+
+
+@pytest.fixture
+def danted_factory(bed: bedlib.Bed) -> Iterator[Any]:
+    started: list[Danted] = []
+
+    def start(port: int, **kwargs: Any) -> Danted:
+        server = Danted(bed, port, **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def get_small(bed: bedlib.Bed) -> subprocess.CompletedProcess[str]:
+    return bed.run_cli(["curl", "-sS", "--max-time", "10", URL], timeout=20)
+
+
+def assert_gets(bed: bedlib.Bed, count: int) -> None:
+    for number in range(count):
+        proc = get_small(bed)
+        assert proc.returncode == 0, f"request {number}: {proc.stderr}"
+        assert proc.stdout == httpserver.SMALL_BODY.decode()
+
+
+def pool_stats(bed: bedlib.Bed) -> dict[str, int]:
+    stats: dict[str, int] = apiclient.get_json(bed, "/stats")["components"]["pool"]
+    return stats
+
+
+def proxy_connections(bed: bedlib.Bed, port: int) -> int:
+    """TCP connections of the client namespace to the proxy's port, in any state but listen."""
+    out = bed.run_cli(["ss", "-Htn", f"dport = :{port}"], timeout=10).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+def test_pool_hits_pipeline_probe_and_nothing_opened_while_idle(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
+) -> None:
+    start_tun2socks(extra={"proxy": {"pool": {"max_age": 2.0}}})
+    # Before any flow: the pool has opened nothing, and the probe has not run.
+    time.sleep(1.0)
+    idle = pool_stats(bed)
+    assert (idle["opened"], idle["size"], idle["pipeline"]) == (0, 0, -1), idle
+    assert proxy_connections(bed, bedlib.SOCKS_PORT) == 0
+    assert_gets(bed, 10)
+    busy = apiclient.wait_for("the probe's answer", lambda: pool_stats(bed)["pipeline"] != -1)
+    busy = pool_stats(bed)
+    assert busy["pipeline"] == 1, busy  # danted reads pipelined messages
+    assert busy["hits"] >= 5 and busy["hits"] + busy["misses"] == 10, busy
+    # Idle: sessions expire at max_age (2 s) and nothing new is opened.
+    time.sleep(3.0)
+    after = pool_stats(bed)
+    assert after["size"] == 0 and after["opened"] == busy["opened"], (busy, after)
+    assert after["expired"] >= 1, after
+    time.sleep(2.0)
+    assert pool_stats(bed)["opened"] == busy["opened"]
+    # The client namespace holds no connection to the proxy at all (TIME-WAIT aside).
+    lingering = bed.run_cli(["ss", "-Htn", "state", "established", "dport = :1080"], timeout=10)
+    assert lingering.stdout.strip() == ""
+
+
+def test_a_proxy_that_closes_idle_sessions(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, danted_factory: Any
+) -> None:
+    # danted closes a session that sent no request within 1 s (timeout.negotiate); the pool
+    # would keep its sessions 30 s: each is closed by the proxy first and must be discarded.
+    server = danted_factory(SHORT_NEGOTIATE_PORT, negotiate_s=1)
+    start_tun2socks(extra={"proxy": {"url": server.url, "pool": {"max_age": 30.0}}})
+    for _ in range(3):
+        assert_gets(bed, 4)
+        first = pool_stats(bed)
+        time.sleep(2.5)  # the proxy closes every ready session meanwhile
+        seen = pool_stats(bed)
+        assert seen["size"] == 0 and seen["discarded"] > first["discarded"], (first, seen)
+    assert pool_stats(bed)["expired"] == 0
+
+
+def test_a_proxy_restarted_under_the_pool(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, danted_factory: Any
+) -> None:
+    server = danted_factory(RESTART_PORT)
+    start_tun2socks(extra={"proxy": {"url": server.url}})
+    assert_gets(bed, 6)
+    apiclient.wait_for("a ready session", lambda: pool_stats(bed)["size"] >= 1)
+    before = pool_stats(bed)
+    server.kill()
+    server.start()
+    # Every request after the restart works: stale sessions are discarded (seen closed while
+    # waiting, or failing their CONNECT and replaced by a fresh connection).
+    assert_gets(bed, 10)
+    after = pool_stats(bed)
+    assert after["discarded"] >= before["discarded"] + before["size"], (before, after)
+
+
+def test_a_wrong_password_resets_the_client_and_logs_one_line(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
+) -> None:
+    wrong = "wrong-" + bed.socks_password[::-1]
+    t2s = start_tun2socks(auth=True, password=wrong)
+    for _ in range(2):
+        started = time.monotonic()
+        proc = get_small(bed)
+        assert proc.returncode in (7, 52, 56), f"curl exit {proc.returncode}: {proc.stderr}"
+        assert time.monotonic() - started < 3.0
+    apiclient.wait_for("the failure lines", lambda: AUTH_FAILURE.search(t2s.log_text()))
+    time.sleep(1.5)  # the pool's failed logins and the probe's would show up by now
+    log = t2s.log_text()
+    lines = [line for line in log.splitlines() if AUTH_FAILURE.search(line)]
+    assert len(lines) == 2, f"expected one line per refused flow, got {lines}"
+    assert wrong not in log and bed.socks_password not in log
+    stats = pool_stats(bed)
+    assert stats["size"] == 0 and stats["hits"] == 0 and stats["pipeline"] == -1, stats
+
+
+def test_microsocks_with_pipeline_auto(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
+) -> None:
+    # microsocks 1.0.3 reads one message per recv(): a pipelined handshake would hang.
+    bed.start_optional_servers(microsocks=True)
+    url = f"socks5://{bedlib.SRV_VETH_IP}:{bedlib.MICROSOCKS_PORT}"
+    t2s = start_tun2socks(extra={"proxy": {"url": url}})
+    started = time.monotonic()
+    assert_gets(bed, 5)  # sequential while the probe waits for its answer
+    assert time.monotonic() - started < 5.0
+    apiclient.wait_for("the probe's verdict", lambda: pool_stats(bed)["pipeline"] == 0)
+    assert "one message at a time" in t2s.log_text()
+    assert_gets(bed, 5)
+    stats = pool_stats(bed)
+    assert stats["hits"] >= 3 and stats["discarded"] == 0, stats
+
+
+def test_fast_open_to_the_proxy(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, danted_factory: Any
+) -> None:
+    # The server namespace accepts data in the SYN on listeners made from now on (0x400: no
+    # setsockopt needed, so danted's takes it); every flow dials afresh (no pool) with TCP Fast
+    # Open: the first gets the cookie, the next carry the greeting in their SYN (RFC 7413).
+    old = bed.run_srv(["sysctl", "-n", "net.ipv4.tcp_fastopen"], timeout=10).stdout.strip()
+    bed.run_srv(["sysctl", "-qw", "net.ipv4.tcp_fastopen=1027"], timeout=10)
+    try:
+        server = danted_factory(FAST_OPEN_PORT)
+        extra = {"proxy": {"url": server.url, "fast_open": True, "pool": {"size": 0}}}
+        start_tun2socks(extra=extra)
+        assert_gets(bed, 5)
+        counters = bed.run_cli(["nstat", "-az", "TcpExtTCPFastOpenActive"], timeout=10).stdout
+        active = re.search(r"TcpExtTCPFastOpenActive\s+(\d+)", counters)
+        assert active is not None and int(active.group(1)) >= 3, counters
+    finally:
+        bed.run_srv(["sysctl", "-qw", f"net.ipv4.tcp_fastopen={old}"], timeout=10)
