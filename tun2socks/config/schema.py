@@ -28,7 +28,6 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     SecretStr,
-    StrictBool,
     StrictStr,
     ValidationInfo,
     field_validator,
@@ -36,7 +35,7 @@ from pydantic import (
 )
 
 from tun2socks.config.echo import echo
-from tun2socks.config.proxy_pool import ProxyPoolConfig
+from tun2socks.config.proxy_options import PipelineSetting, ProxyPoolConfig
 from tun2socks.config.proxy_url import (
     ParsedProxyUrl,
     expand_variables,
@@ -107,7 +106,7 @@ class ProxyConfig(BaseModel):
     url: StrictStr | list[StrictStr]
     connect_timeout: float = Field(default=10.0, gt=0, strict=True, allow_inf_nan=False)
     # Greeting, auth and request in one write: true, false, or auto (probed on first use).
-    pipeline: Literal["auto"] | StrictBool = "auto"
+    pipeline: PipelineSetting = "auto"
     fast_open: bool = Field(default=False, strict=True)  # TCP Fast Open to the proxy
     pool: ProxyPoolConfig = Field(default_factory=ProxyPoolConfig)
 

@@ -1,0 +1,28 @@
+"""How tun2socks opens its SOCKS5 sessions: ``proxy.pipeline`` and ``proxy.pool``
+(outbound/pipeline_probe.py, outbound/session_pool.py)."""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+
+def _pipeline_setting(value: object) -> Literal["auto"] | bool:
+    if value == "auto" or isinstance(value, bool):
+        return value  # "auto" is the only string let through
+    shown = repr(value) if isinstance(value, str | int | float) else type(value).__name__
+    raise ValueError(f"must be auto, true or false (got {shown})")
+
+
+# auto: probed on first use; true / false: always / never in one write.
+PipelineSetting = Annotated[Literal["auto"] | bool, PlainValidator(_pipeline_setting)]
+
+
+class ProxyPoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Sessions kept ready at most (0: no pool); the pool holds as many as flows were made
+    # in the last second, and none while no flows are made.
+    size: int = Field(default=8, ge=0, le=64, strict=True)
+    # Seconds a ready session may wait before it is closed unused: below the proxy's own
+    # negotiation timeout (Dante's timeout.negotiate: 30 s by default).
+    max_age: float = Field(default=20.0, gt=0, le=3600, strict=True, allow_inf_nan=False)
