@@ -6,12 +6,13 @@ that opens nothing while no flows are made. Counters come from ``/stats`` (compo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ import pytest
 
 from tests.integration import apiclient, httpserver
 from tests.integration import bed as bedlib
+from tun2socks.outbound.dialer import Socks5Dialer
+from tun2socks.outbound.pool_policy import PoolPolicy
+from tun2socks.outbound.session_pool import SessionPool
+from tun2socks.outbound.socks5 import ProxyEndpoint, open_session
+from tun2socks.outbound.socks5_wire import build_reply
 
 pytestmark = [
     pytest.mark.integration,
@@ -245,3 +251,108 @@ def test_fast_open_to_the_proxy(
         assert active is not None and int(active.group(1)) >= 3, counters
     finally:
         bed.run_srv(["sysctl", "-qw", f"net.ipv4.tcp_fastopen={old}"], timeout=10)
+
+
+# --- scripted servers on loopback: what danted does only by chance ------------------------------
+
+
+def _run(coro: Coroutine[Any, Any, None], limit: float = 20.0) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(limit):
+            await coro
+
+    asyncio.run(bounded())
+
+
+class ScriptedProxy:
+    """A no-auth SOCKS5 server on loopback. Connections numbered in `drop` (from 1, in the
+    order accepted) are closed without a reply to their request (a session the proxy dropped
+    just as it was used); with `close_idle_after`, a session with no request by then is closed
+    (an idle timeout)."""
+
+    def __init__(
+        self, *, drop: frozenset[int] = frozenset(), close_idle_after: float | None = None
+    ) -> None:
+        self.drop = drop
+        self.close_idle_after = close_idle_after
+        self.connections = 0
+        self.answered = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        try:
+            assert await reader.readexactly(3) == b"\x05\x01\x00"
+            writer.write(b"\x05\x00")
+            async with asyncio.timeout(self.close_idle_after):
+                head = await reader.readexactly(5)  # VER CMD RSV ATYP=IPv4 first address byte
+            await reader.readexactly(5)  # the rest of the IPv4 address and the port
+            assert head[:4] == b"\x05\x01\x00\x01"
+            if number in self.drop:
+                return
+            writer.write(build_reply(0, "127.0.0.1", 4242) + b"ready")
+            self.answered += 1
+            await reader.read()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _pooled_dialer(server: ScriptedProxy) -> tuple[asyncio.Server, Socks5Dialer, SessionPool]:
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    proxy = ProxyEndpoint("127.0.0.1", listener.sockets[0].getsockname()[1])
+
+    async def opener() -> Any:
+        return await open_session(proxy, timeout=5, pipeline=False)
+
+    pool = SessionPool(opener, PoolPolicy(max_size=2, max_age=30.0))
+    return listener, Socks5Dialer(proxy, timeout=5, pipeline=False, pool=pool), pool
+
+
+async def _wait_ready(pool: SessionPool, size: int) -> None:
+    while pool.stats()["size"] < size:
+        await asyncio.sleep(0.01)
+
+
+def test_a_session_dropped_at_its_connect_is_replaced_by_a_fresh_connection() -> None:
+    server = ScriptedProxy(drop=frozenset({2}))  # 1: the first flow's, 2: the pool's first
+
+    async def body() -> None:
+        listener, dialer, pool = await _pooled_dialer(server)
+        async with listener:
+            first = await dialer.dial_host("192.0.2.1", 80)  # a miss: fresh; fills the pool
+            first.close()
+            await _wait_ready(pool, 1)
+            sock = await dialer.dial_host("192.0.2.1", 80)  # the session dies: dialed afresh
+            try:
+                reader, writer = await asyncio.open_connection(sock=sock)
+                assert await reader.readexactly(5) == b"ready"
+                writer.close()
+            finally:
+                sock.close()
+            stats = pool.stats()
+            assert stats["discarded"] == 1 and stats["misses"] == 2, stats
+            await pool.close()
+
+    _run(body())
+    assert server.answered == 2
+
+
+def test_a_session_the_proxy_closes_while_it_waits_is_discarded_at_once() -> None:
+    server = ScriptedProxy(close_idle_after=0.3)
+
+    async def body() -> None:
+        listener, dialer, pool = await _pooled_dialer(server)
+        async with listener:
+            (await dialer.dial_host("192.0.2.1", 80)).close()
+            await _wait_ready(pool, 1)
+            await asyncio.sleep(0.6)  # the server closes it; the loop sees the EOF
+            stats = pool.stats()
+            assert (stats["size"], stats["discarded"], stats["expired"]) == (0, 1, 0), stats
+            connections = server.connections
+            (await dialer.dial_host("192.0.2.1", 80)).close()  # a miss, then a top-up
+            assert server.connections > connections
+            await pool.close()
+
+    _run(body())

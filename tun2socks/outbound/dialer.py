@@ -73,15 +73,24 @@ class Socks5Dialer:
             return await http_connect.connect(
                 self.proxy, host, port, timeout=self.timeout, prepare_socket=self.prepare_socket
             )
-        if self.pool is not None and (session := self.pool.take()) is not None:
-            try:
-                await socks5.connect_on_session(
-                    session, self.proxy, host, port, timeout=self.timeout
-                )
-            except socks5.Socks5SessionLost:
-                self.pool.lost()  # an idle timeout or a restart of the proxy: dial afresh
-            else:
-                return session
+        if self.pool is None:
+            return await self._fresh(host, port)
+        try:
+            session = self.pool.take()
+            if session is not None:
+                try:
+                    await socks5.connect_on_session(
+                        session, self.proxy, host, port, timeout=self.timeout
+                    )
+                except socks5.Socks5SessionLost:
+                    self.pool.lost()  # an idle timeout or a restart of the proxy: dial afresh
+                else:
+                    return session
+            return await self._fresh(host, port)
+        finally:
+            self.pool.refill()
+
+    async def _fresh(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
         sock, _bound = await socks5.connect(
             self.proxy,
             host,

@@ -66,8 +66,8 @@ class SessionPool:
         self._closed = False
 
     def take(self) -> socket.socket | None:
-        """A live logged-in session (non-blocking, no longer watched) or None; records
-        the flow, and tops the pool up in the background."""
+        """A live logged-in session (non-blocking, no longer watched) or None; records the
+        flow. Call ``refill`` once the flow's dial is done."""
         loop = self._loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         self.policy.flow_made(now)
@@ -84,7 +84,6 @@ class SessionPool:
             self.counters.misses += 1
         else:
             self.counters.hits += 1
-        self._top_up(now)
         return found
 
     def lost(self) -> None:
@@ -93,10 +92,12 @@ class SessionPool:
         self.counters.discarded += 1
         self.counters.misses += 1
 
-    def _top_up(self, now: float) -> None:
-        assert self._loop is not None
-        if self._closed:
+    def refill(self) -> None:
+        """Open the sessions the recent flows call for, in the background. After the flow's
+        own dial, not before: on a busy proxy the new logins would delay its CONNECT."""
+        if self._closed or self._loop is None:
             return
+        now = self._loop.time()
         for _ in range(self.policy.to_open(now, len(self._ready), len(self._opening))):
             task = self._loop.create_task(self._open_one())
             self._opening.add(task)
