@@ -3,12 +3,16 @@
 Theory of operation: ``connect`` resolves the proxy (an IP literal skips the resolver), connects
 a non-blocking socket with ``loop.sock_connect`` and runs the handshake with ``loop.sock_sendall``
 and ``loop.sock_recv``, all under one ``asyncio.timeout``. The messages come from the sans-IO
-``socks5_wire``. By default the client pipelines: it offers a single method (0x02 with
-credentials, 0x00 without), so it knows what the server must choose and sends greeting, auth and
-CONNECT in one write, then reads the replies in order; one round trip instead of three. Replies
-are read with exact sizes, so nothing past the CONNECT reply is consumed: bytes the destination
-sends early stay in the socket for the relay, and ``connect`` returns a plain
-``(socket, bound address)``.
+``socks5_wire``. It offers a single method (0x02 with credentials, 0x00 without), so it knows
+what the server must choose; with ``pipeline`` it sends greeting, auth and CONNECT in one write,
+then reads the replies in order: one round trip instead of three (``pipeline_probe.py`` finds
+out whether a server can take that). Replies are read with exact sizes, so nothing past the
+CONNECT reply is consumed: bytes the destination sends early stay in the socket for the relay,
+and ``connect`` returns a plain ``(socket, bound address)``.
+
+``open_session`` does the login only, and ``connect_on_session`` the CONNECT on such a session
+later (the session pool, ``session_pool.py``); a session that turns out dead raises
+``Socks5SessionLost``, so that the caller can dial afresh.
 
 Failures raise one ``Socks5Error`` subclass per cause; the socket is closed first. Nothing is
 logged here (the caller logs once), and no message or repr contains the password.
