@@ -5,11 +5,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
+from tun2socks.config.proxy_url import hide_url_password
+
 
 def _pipeline_setting(value: object) -> Literal["auto"] | bool:
     if value == "auto" or isinstance(value, bool):
         return value  # "auto" is the only string let through
-    shown = repr(value) if isinstance(value, str | int | float) else type(value).__name__
+    if isinstance(value, str):  # shown like schema.echo: a misplaced URL loses its password
+        text = hide_url_password(value)
+        shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    else:
+        shown = repr(value) if isinstance(value, int | float) else "a value of another kind"
     raise ValueError(f"must be auto, true or false (got {shown})")
 
 
