@@ -72,10 +72,10 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     )
     current = default_interface.name if default_interface is not None else None
     protect = direct.protector(settings.route.mark, settings.route.bind_interface, current)
-    # The default proxy's dialer; with several URLs a FailoverDialer, whose `proxy` is the
-    # proxy in use now (DNS upstreams and UDP associations follow it).
     # Logged-in sessions kept ready and the pipelining probe, per SOCKS5 proxy.
     sessions = SessionPools()
+    # The default proxy's dialer; with several URLs a FailoverDialer, whose `proxy` is the
+    # proxy in use now (DNS upstreams and UDP associations follow it).
     socks = routing.proxy_dialer(settings.proxy, protect, sessions)
     named = {
         name: routing.proxy_dialer(c, protect, sessions, name)
