@@ -200,6 +200,19 @@ def test_a_proxy_restarted_under_the_pool(
     assert after["discarded"] >= before["discarded"] + before["size"], (before, after)
 
 
+def test_pooled_sessions_log_in_with_username_and_password(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
+) -> None:
+    # RFC 1929 on every pooled session, greeting and login in one write once probed.
+    t2s = start_tun2socks(auth=True)
+    assert_gets(bed, 4)
+    apiclient.wait_for("the probe's answer", lambda: pool_stats(bed)["pipeline"] == 1)
+    assert_gets(bed, 6)
+    stats = pool_stats(bed)
+    assert stats["hits"] >= 5 and stats["open_failures"] == 0, stats
+    assert bed.socks_password not in t2s.log_text()
+
+
 def test_a_wrong_password_resets_the_client_and_logs_one_line(
     bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
 ) -> None:
