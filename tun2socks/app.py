@@ -142,8 +142,9 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     observer = None
-    # Flows whose path went away are reset, not left hanging; shared connections reopened.
-    reopen = [udp_relay.reopen, *([dns.forwarder.reopen_upstreams] if dns else [])]
+    # Flows whose path went away are reset, not left hanging; shared connections reopened,
+    # and the proxy sessions kept ready dropped (they may leave from a link that is gone).
+    reopen = [udp_relay.reopen, sessions.flush, *([dns.forwarder.reopen_upstreams] if dns else [])]
     paths = PathWatch(engine, loop, reopen=reopen, uplink=default_interface)
     try:
         paths.start()

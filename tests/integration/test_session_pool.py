@@ -373,3 +373,24 @@ def test_a_session_the_proxy_closes_while_it_waits_is_discarded_at_once() -> Non
             await pool.close()
 
     _run(body())
+
+
+def test_a_network_change_drops_every_ready_session() -> None:
+    # path_watch.py calls SessionPools.flush after each burst of link and address changes:
+    # a session from before may leave from an address that is gone, where a CONNECT hangs.
+    server = ScriptedProxy()
+
+    async def body() -> None:
+        listener, dialer, pool = await _pooled_dialer(server)
+        async with listener:
+            for _ in range(2):
+                (await dialer.dial_host("192.0.2.1", 80)).close()
+            await _wait_ready(pool, 2)
+            pool.flush()
+            stats = pool.stats()
+            assert (stats["size"], stats["discarded"]) == (0, 2), stats
+            (await dialer.dial_host("192.0.2.1", 80)).close()
+            assert pool.stats()["misses"] == stats["misses"] + 1
+            await pool.close()
+
+    _run(body())

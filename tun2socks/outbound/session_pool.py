@@ -15,7 +15,8 @@ and a session that still fails on its CONNECT before any reply byte raises
 never sees it. Opening errors are counted, not logged: the flows dial the proxy themselves
 and log what is wrong once.
 
-``SessionPools`` is the registry the composition root keeps: stats per pool and shutdown.
+``SessionPools`` is the registry the composition root keeps: stats per pool, a flush on each
+network change (``path_watch.py``), and shutdown.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class SessionPool:
         self._opening: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._generation = 0  # flush() bumps it: sessions opened before are not kept
 
     def take(self) -> socket.socket | None:
         """A live logged-in session (non-blocking, no longer watched) or None; records the
@@ -105,13 +107,14 @@ class SessionPool:
 
     async def _open_one(self) -> None:
         assert self._loop is not None
+        generation = self._generation
         try:
             sock = await self.open_session()
         except Exception:  # any failure: no session; the flows dial and report it
             self.counters.open_failures += 1
             self.policy.open_failed(self._loop.time())
             return
-        if self._closed:
+        if self._closed or generation != self._generation:
             sock.close()
             return
         self.counters.opened += 1
@@ -144,6 +147,15 @@ class SessionPool:
     def _expire(self, session: _Session) -> None:
         if self._drop(session):
             self.counters.expired += 1
+
+    def flush(self) -> None:
+        """Drop every ready session, and those still being opened when they arrive: after a
+        network change they may leave from an address or link that is gone, where a CONNECT
+        would wait for its timeout instead of failing."""
+        self._generation += 1
+        for session in list(self._ready):
+            if self._drop(session):
+                self.counters.discarded += 1
 
     def stats(self) -> dict[str, int]:
         now = self._loop.time() if self._loop is not None else time.monotonic()
@@ -197,6 +209,11 @@ class SessionPools:
             return {**found, "pipeline": self._pipelining[name].state()}
 
         return stats
+
+    def flush(self) -> None:
+        """The network changed: no pool keeps a session made before (SessionPool.flush)."""
+        for pool in self._pools.values():
+            pool.flush()
 
     async def close(self) -> None:
         for pool in self._pools.values():
