@@ -245,9 +245,13 @@ def test_microsocks_with_pipeline_auto(
     assert time.monotonic() - started < 5.0
     apiclient.wait_for("the probe's verdict", lambda: pool_stats(bed)["pipeline"] == 0)
     assert "one message at a time" in t2s.log_text()
+    # (The bed routes into the TUN just after start: that network change may drop the first
+    # sessions. From here on nothing changes, and microsocks keeps every session.)
+    before = pool_stats(bed)
     assert_gets(bed, 5)
     stats = pool_stats(bed)
-    assert stats["hits"] >= 3 and stats["discarded"] == 0, stats
+    assert stats["hits"] - before["hits"] >= 3, (before, stats)
+    assert stats["discarded"] == before["discarded"] and stats["open_failures"] == 0, stats
 
 
 def test_fast_open_to_the_proxy(
