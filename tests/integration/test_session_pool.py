@@ -78,8 +78,7 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + bedlib.READY_TIMEOUT_S
-        listening = f"{bedlib.SRV_VETH_IP}:{self.port} "
-        while listening not in self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout:
+        while not self._listening():
             assert self.proc.poll() is None and time.monotonic() < deadline, "danted not up"
             time.sleep(0.05)
 
@@ -90,6 +89,14 @@ socks block {{ from: 0/0 to: 0/0 log: connect error }}
         for pid in _process_tree(self.proc.pid):
             os.kill(pid, signal.SIGKILL)
         self.proc.wait(10)
+        # Its workers die a moment later: until the listener is gone, start() would see it.
+        deadline = time.monotonic() + 10.0
+        while self._listening() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        listening = f"{bedlib.SRV_VETH_IP}:{self.port} "
+        return listening in self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout
 
 
 def _process_tree(pid: int) -> list[int]:
