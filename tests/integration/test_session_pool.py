@@ -212,6 +212,7 @@ def test_pooled_sessions_log_in_with_username_and_password(
 ) -> None:
     # RFC 1929 on every pooled session, greeting and login in one write once probed.
     t2s = start_tun2socks(auth=True)
+    time.sleep(1.0)  # past the bed's routing into the TUN, a network change that drops the pool
     assert_gets(bed, 4)
     apiclient.wait_for("the probe's answer", lambda: pool_stats(bed)["pipeline"] == 1)
     assert_gets(bed, 6)
