@@ -159,6 +159,11 @@ class Engine:
             self._flush_pending = True
             self.loop.call_soon(self._transmit)
 
+    def flush(self) -> None:
+        """Write the stack's output now: for what is on a client's critical path (an answer
+        from upstream), where the turn of the loop that `schedule_flush` waits for costs."""
+        self._transmit()
+
     async def _flush_datagrams(self) -> None:
         wakeup = self._port.wakeup
         while True:
@@ -236,16 +241,25 @@ class Engine:
         if flow.flow_id not in self.relays:  # the client gave up meanwhile
             sock.close()
             return
+        # The SYN-ACK now, before the transport exists: making it takes two more loop turns
+        # (connection_made and the waiter are scheduled with call_soon), and the SYN-ACK is on
+        # the client's critical path. What the client sends meanwhile waits in the stack's
+        # receive buffer (pump_to_upstream does nothing without a transport).
+        self.stack.accept(flow.flow_id, self.loop.time())
+        self._transmit()
         try:
             await self.loop.create_connection(lambda: relay, sock=sock)
-        except OSError as exc:
+        except OSError as exc:  # not a stream socket: a bug of a dialer, never seen
             sock.close()
             self._refuse(relay, f"upstream socket failed: {exc}", "socket_failed")
             return
-        log.debug("%s: connected through %s", relay.describe(), self.proxy_address)
-        self.stack.accept(flow.flow_id, self.loop.time())
-        relay.pump_to_upstream()  # a flow from the SYN cache may hold data already
-        self._transmit()  # the SYN-ACK now, not an iteration later: it is on the latency path
+        if relay.finished:  # reset while the transport was made
+            relay.close_transport()
+            return
+        if log.isEnabledFor(logging.DEBUG):  # describe() formats addresses: not per flow
+            log.debug("%s: connected through %s", relay.describe(), self.proxy_address)
+        relay.pump_to_upstream()  # the client's data sent meanwhile (or from the SYN cache)
+        self._transmit()
 
     def _refuse(self, relay: Relay, reason: str, kind: str) -> None:
         """The upstream could not be opened: one log line, RST to the client."""
@@ -259,9 +273,13 @@ class Engine:
         if self.relays.pop(relay.flow_id, None) is not None:
             self.finished_bytes_up += relay.bytes_up
             self.finished_bytes_down += relay.bytes_down
-            log.debug(
-                "%s: done, %d bytes up, %d down", relay.describe(), relay.bytes_up, relay.bytes_down
-            )
+            if log.isEnabledFor(logging.DEBUG):  # describe() is not free: not per flow
+                log.debug(
+                    "%s: done, %d bytes up, %d down",
+                    relay.describe(),
+                    relay.bytes_up,
+                    relay.bytes_down,
+                )
 
     def close_flow(self, flow_id: int) -> bool:
         """Reset one flow (the API's close button): RST to the client, upstream dropped.

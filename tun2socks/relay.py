@@ -33,6 +33,8 @@ class Engine(Protocol):
 
     def schedule_flush(self) -> None: ...
 
+    def flush(self) -> None: ...
+
     def relay_finished(self, relay: Relay) -> None: ...
 
 
@@ -87,12 +89,15 @@ class Relay(asyncio.Protocol):
         space = self.engine.stack.send(self.flow_id, data)
         if space <= 0 and self.transport is not None:
             self.transport.pause_reading()
-        self.engine.schedule_flush()
+        # At once, not at the end of the loop iteration: the answer is on the client's
+        # critical path, and asyncio reads one socket per callback anyway.
+        self.engine.flush()
 
     def eof_received(self) -> bool:
-        # The upstream half-closed: FIN to the client after the queued data.
+        # The upstream half-closed: FIN to the client after the queued data (at once: a
+        # client reading to the end of the stream waits for it).
         self.engine.stack.shutdown(self.flow_id)
-        self.engine.schedule_flush()
+        self.engine.flush()
         return True  # keep our sending half open (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -164,6 +169,16 @@ class Relay(asyncio.Protocol):
         """Reset the client side and drop the upstream (shutdown, API close)."""
         self.engine.stack.abort(self.flow_id)
         self.flow_reset("aborted")
+
+    @property
+    def finished(self) -> bool:
+        """The flow is over (ended, reset or refused): the engine no longer holds it."""
+        return self._finished
+
+    def close_transport(self) -> None:
+        """Drop an upstream transport made after the flow was over."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def _finish(self) -> None:
         if not self._finished:
