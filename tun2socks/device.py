@@ -28,6 +28,7 @@ import pytun
 from tun2socks.errors import UserError
 from tun2socks.host.link import LinkError, configure_link, link_exists
 from tun2socks.net.vnet import CHECKSUM_TRUSTED, VNET_HDR_LEN, vnet_header_for
+from tun2socks.tun_writer import TunWriter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ IFNAMSIZ = 16
 READ_SIZE = 65536 + VNET_HDR_LEN + 1014
 MAX_QUEUED_PACKETS = 4096
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
+# With the writer thread, writes up to this size in all are made on the loop's thread while the
+# thread is idle: a SYN-ACK, an ACK or a short answer does not wait for a thread's wake-up.
+INLINE_WRITE_BYTES = 4096
+# How long shutting down waits for the writer thread to write what it holds (the final RSTs).
+WRITER_STOP_TIMEOUT = 2.0
 
 OnPackets = Callable[[list[tuple[bytes, bool]]], None]
 # Sees every packet read (False) and written (True), e.g. the packet capture.
@@ -77,9 +83,15 @@ class DeviceStats:
 
 
 class TunDevice:
-    """An open TUN fd in non-blocking mode; `start` hands batches of packets to a callback."""
+    """An open TUN fd in non-blocking mode; `start` hands batches of packets to a callback.
 
-    def __init__(self, tun: Any, *, mtu: int, offload: bool, created: bool) -> None:
+    With `write_thread`, packets are written by a thread of their own (tun_writer.py) from
+    `start` until `drain` or `close`, except small writes while it is idle.
+    """
+
+    def __init__(
+        self, tun: Any, *, mtu: int, offload: bool, created: bool, write_thread: bool = False
+    ) -> None:
         self._tun = tun
         self._fd: int = tun.fileno()
         self.name: str = tun.name
@@ -95,6 +107,8 @@ class TunDevice:
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._closed = False
+        self._write_thread = write_thread
+        self._writer: TunWriter | None = None
 
     @classmethod
     def open(
@@ -105,6 +119,7 @@ class TunDevice:
         addresses: Sequence[IPv4Interface | IPv6Interface],
         offload: bool,
         txqueuelen: int | None = None,
+        write_thread: bool = True,
     ) -> TunDevice:
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
             raise DeviceError(f"invalid device name {name!r} (1 to {IFNAMSIZ - 1} characters)")
@@ -126,10 +141,12 @@ class TunDevice:
             raise
         how = "created" if created else "attached"
         log.info("TUN %s %s, mtu %d, offload %s", name, how, mtu, effective_offload)
-        return cls(tun, mtu=mtu, offload=effective_offload, created=created)
+        return cls(
+            tun, mtu=mtu, offload=effective_offload, created=created, write_thread=write_thread
+        )
 
     @classmethod
-    def from_fd(cls, fd: int, *, mtu: int, offload: bool) -> TunDevice:
+    def from_fd(cls, fd: int, *, mtu: int, offload: bool, write_thread: bool = True) -> TunDevice:
         """A TUN that a parent process opened and handed over as descriptor `fd`.
 
         Needs no privilege: the parent has configured the device (addresses, MTU, link up);
@@ -162,7 +179,9 @@ class TunDevice:
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)
         log.info("TUN %s from fd %d, mtu %d, vnet header %s", name, fd, mtu, vnet)
-        return cls(_Descriptor(fd, name), mtu=mtu, offload=vnet, created=False)
+        return cls(
+            _Descriptor(fd, name), mtu=mtu, offload=vnet, created=False, write_thread=write_thread
+        )
 
     def fileno(self) -> int:
         return self._fd
@@ -175,6 +194,14 @@ class TunDevice:
         self._loop, self._on_packets, self._batch = loop, on_packets, batch
         self._last_read = loop.time()
         loop.add_reader(self._fd, self._on_readable)
+        if self._write_thread:
+            self._writer = TunWriter(
+                self._fd,
+                self._write_raw,
+                max_packets=MAX_QUEUED_PACKETS,
+                max_bytes=MAX_QUEUED_BYTES,
+                name=self.name,
+            )
 
     def _on_readable(self) -> None:
         fd, offload, read = self._fd, self.offload, os.read
@@ -221,9 +248,24 @@ class TunDevice:
             log.debug("TUN %s: read failed: %s", self.name, exc)
 
     def write(self, packets: Iterable[bytes]) -> None:
-        """Send IP packets to the kernel; what cannot be written now is queued (bounded)."""
+        """Send IP packets to the kernel; what cannot be written now is queued (bounded).
+
+        With the writer thread, it writes them unless they are small and it is idle. The order
+        is kept: the thread gets nothing while this thread's EAGAIN queue holds packets, and this
+        thread writes nothing while the thread holds some."""
         if self._closed:
             return
+        writer = self._writer
+        if writer is not None and not self._queue:
+            if not isinstance(packets, list):
+                packets = list(packets)
+            if not writer.idle or sum(map(len, packets)) > INLINE_WRITE_BYTES:
+                taken = writer.submit(packets)
+                self.stats.write_queue_drops += len(packets) - len(taken)
+                if (tap := self.tap) is not None:  # here, on the loop's thread, when queued
+                    for packet in taken:
+                        tap(packet, True)
+                return
         it = iter(packets)
         if not self._queue:
             for packet in it:
@@ -235,6 +277,14 @@ class TunDevice:
 
     def _write_one(self, packet: bytes) -> bool:
         """False when the fd would block (the packet is not written)."""
+        if not self._write_raw(packet):
+            return False
+        if (tap := self.tap) is not None:
+            tap(packet, True)
+        return True
+
+    def _write_raw(self, packet: bytes) -> bool:
+        """The write itself and its counters (also on the writer thread); False on EAGAIN."""
         try:
             if self.offload:
                 os.writev(self._fd, (vnet_header_for(packet, self.mtu), packet))
@@ -249,8 +299,6 @@ class TunDevice:
             return True
         self.stats.packets_out += 1
         self.stats.bytes_out += len(packet)
-        if (tap := self.tap) is not None:
-            tap(packet, True)
         return True
 
     def _enqueue(self, packet: bytes) -> None:
@@ -275,9 +323,19 @@ class TunDevice:
         assert self._loop is not None
         self._loop.remove_writer(self._fd)
 
+    def drain(self, timeout: float = WRITER_STOP_TIMEOUT) -> None:
+        """Let the writer thread write what it holds (for at most `timeout` seconds) and end it;
+        later writes are made on the caller's thread. Shutting down calls it after the RSTs."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            if not writer.stop(timeout):
+                log.warning("TUN %s: the writer thread did not end", self.name)
+            self.stats.write_queue_drops += writer.drops
+
     def close(self) -> None:
         if self._closed:
             return
+        self.drain()
         self._closed = True
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)

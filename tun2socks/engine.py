@@ -302,5 +302,6 @@ class Engine:
         packets = self.stack.packets_to_send(self.loop.time())
         if packets:
             self.device.write(packets)
+        self.device.drain()  # the RSTs are written before close() returns; no thread is left
         if self._timer is not None:
             self._timer.cancel()

@@ -55,6 +55,9 @@ class RecordingDevice:
     def write(self, packets: list[bytes]) -> None:
         self.written.extend(packets)
 
+    def drain(self) -> None:
+        pass  # written at once: nothing is held
+
 
 class FailingDialer:
     def __init__(self, error: Exception) -> None:
