@@ -9,6 +9,7 @@ before the rules' dialer (rules may match on names), the engine last.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -146,6 +147,10 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     # and the proxy sessions kept ready dropped (they may leave from a link that is gone).
     reopen = [udp_relay.reopen, sessions.flush, *([dns.forwarder.reopen_upstreams] if dns else [])]
     paths = PathWatch(engine, loop, reopen=reopen, uplink=default_interface)
+    # What start-up built (modules, config, pydantic models: some 66,000 objects) lives as long
+    # as the process: out of the collector's sight, a full collection no longer walks it (29 ms
+    # measured), which otherwise lands as a pause on whatever flows are active.
+    gc.freeze()
     try:
         paths.start()
         engine.start()
