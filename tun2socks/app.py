@@ -26,6 +26,7 @@ from tun2socks.observe import api, startup
 from tun2socks.outbound import direct, routing
 from tun2socks.outbound.dialer import Dialer
 from tun2socks.outbound.failover import FailoverDialer
+from tun2socks.outbound.known_destinations import KnownDestinations
 from tun2socks.outbound.reachability import ProxyProber
 from tun2socks.outbound.session_pool import SessionPools
 from tun2socks.path_watch import PathWatch
@@ -134,7 +135,12 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
         udp_by_port[dns_parts.DNS_PORT] = dns.forwarder
         stats["dns"] = dns.stats
     dialer = routing.guard_loops(settings, dialer)
-    parts = Collaborators(dialer, udp, udp_by_port, domain_lookup, stats, socks.proxy.address)
+    known = None  # proxy.early_accept: SYN-ACK at once to destinations known to connect
+    if settings.proxy.early_accept:
+        known = KnownDestinations(settings.proxy.early_accept_ttl)
+    parts = Collaborators(
+        dialer, udp, udp_by_port, domain_lookup, stats, socks.proxy.address, known
+    )
     engine = Engine(stack, device, loop, port, parts)
     stop = asyncio.Event()
     if watch is not None:

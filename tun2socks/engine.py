@@ -31,6 +31,7 @@ from tun2socks.net.events import (
     SendSpaceAvailable,
 )
 from tun2socks.outbound.dialer import Dialer, DialError
+from tun2socks.outbound.known_destinations import KnownDestinations
 from tun2socks.outbound.socks5 import Socks5Error
 from tun2socks.relay import Relay
 
@@ -92,7 +93,9 @@ class Collaborators:
     `dialer` opens the upstream of each TCP flow; `udp_by_port[port]` takes UDP to that
     destination port, `udp` the rest; `domain_lookup` maps a destination address to the
     name it was resolved from, if known; `stats_sources[name]()` returns a component's
-    counters for the API and metrics; `proxy_address` names the default proxy in logs.
+    counters for the API and metrics; `proxy_address` names the default proxy in logs;
+    `known_destinations`, when given (``proxy.early_accept``), lets flows to destinations
+    that connected moments ago get their SYN-ACK before their upstream is connected.
     """
 
     dialer: Dialer
@@ -101,6 +104,7 @@ class Collaborators:
     domain_lookup: DomainLookup = no_domain
     stats_sources: Mapping[str, StatsSource] = field(default_factory=dict)
     proxy_address: str = ""
+    known_destinations: KnownDestinations | None = None
 
 
 class Engine:
@@ -132,6 +136,9 @@ class Engine:
             **parts.stats_sources,
         }
         self.proxy_address = parts.proxy_address
+        self._known = known = parts.known_destinations
+        if known is not None:
+            self.stats_sources = {**self.stats_sources, "early_accept": known.stats}
         self.relays: dict[int, Relay] = {}
         self.upstream_errors: Counter[str] = Counter()
         self.finished_bytes_up = self.finished_bytes_down = 0
@@ -230,23 +237,37 @@ class Engine:
 
     async def _connect(self, relay: Relay) -> None:
         flow = relay.flow
+        known = self._known
+        destination = (flow.dst, flow.dst_port)
+        # A destination that connected moments ago (opt-in): SYN-ACK at once, dial meanwhile;
+        # the client's first data waits in the stack's receive buffer. Any other keeps the
+        # SYN-ACK-after-connect rule, so that a refusal is a clean RST.
+        early = known is not None and known.is_known(destination, self.loop.time())
+        if early:
+            assert known is not None
+            known.counters.accepted += 1
+            self.stack.accept(flow.flow_id, self.loop.time())
+            self._transmit()
         try:
             sock = await self._dialer.dial(flow)
         except (Socks5Error, DialError) as exc:
-            self._refuse(relay, str(exc), exc.kind)
+            self._refuse(relay, str(exc), exc.kind, early)
             return
         except (OSError, ValueError) as exc:
-            self._refuse(relay, f"cannot connect upstream: {exc}", "connect_failed")
+            self._refuse(relay, f"cannot connect upstream: {exc}", "connect_failed", early)
             return
+        if known is not None:
+            known.connected(destination, self.loop.time())
         if flow.flow_id not in self.relays:  # the client gave up meanwhile
             sock.close()
             return
-        # The SYN-ACK now, before the transport exists: making it takes two more loop turns
-        # (connection_made and the waiter are scheduled with call_soon), and the SYN-ACK is on
-        # the client's critical path. What the client sends meanwhile waits in the stack's
-        # receive buffer (pump_to_upstream does nothing without a transport).
-        self.stack.accept(flow.flow_id, self.loop.time())
-        self._transmit()
+        if not early:
+            # The SYN-ACK now, before the transport exists: making it takes two more loop
+            # turns (connection_made and the waiter are scheduled with call_soon), and the
+            # SYN-ACK is on the client's critical path. What the client sends meanwhile waits
+            # in the stack's receive buffer (pump_to_upstream does nothing without a transport).
+            self.stack.accept(flow.flow_id, self.loop.time())
+            self._transmit()
         try:
             await self.loop.create_connection(lambda: relay, sock=sock)
         except OSError as exc:  # not a stream socket: a bug of a dialer, never seen
@@ -261,10 +282,16 @@ class Engine:
         relay.pump_to_upstream()  # the client's data sent meanwhile (or from the SYN cache)
         self._transmit()
 
-    def _refuse(self, relay: Relay, reason: str, kind: str) -> None:
-        """The upstream could not be opened: one log line, RST to the client."""
-        log.warning("%s: %s", relay.describe(), reason)
+    def _refuse(self, relay: Relay, reason: str, kind: str, early: bool = False) -> None:
+        """The upstream could not be opened: one log line, RST to the client (a reset of the
+        connection if it was accepted early), the destination no longer known."""
+        after = " (reset after an early SYN-ACK)" if early else ""
+        log.warning("%s: %s%s", relay.describe(), reason, after)
         self.upstream_errors[kind] += 1
+        if self._known is not None:
+            self._known.failed((relay.flow.dst, relay.flow.dst_port))
+            if early:
+                self._known.counters.reset += 1
         self.stack.reject(relay.flow_id)
         self.relay_finished(relay)
         self.schedule_flush()

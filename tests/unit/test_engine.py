@@ -5,6 +5,9 @@ What is checked: a refused upstream is counted under the failure's own `kind` (o
 labels: the SOCKS5 error classes', shown as `upstream_errors` by the API and metrics) and
 answered with RST (RFC 9293 3.10.7.2); UDP is handed to the handler of its destination
 port or the default one; a handler's refusal reaches the TUN through the `DatagramPort`.
+With ``proxy.early_accept`` (`KnownDestinations`), a destination that connected moments ago
+gets its SYN-ACK before its dial ends, the client's data waits for the upstream, and a dial
+that fails then resets the flow; any other keeps the SYN-ACK-after-connect rule.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from tun2socks.engine import Collaborators, DatagramPort, Engine
 from tun2socks.net.events import DatagramReceived, FlowRequested
 from tun2socks.net.ip import PROTO_ICMP, PROTO_TCP, IpPacket
 from tun2socks.net.stack import Stack, StackConfig
-from tun2socks.net.tcp import RST, SYN, TcpSegment
+from tun2socks.net.tcp import ACK, PSH, RST, SYN, TcpSegment
 from tun2socks.net.udp import UdpDatagram
 from tun2socks.observe import snapshot
 from tun2socks.outbound.dialer import DialError
+from tun2socks.outbound.known_destinations import KnownDestinations
 from tun2socks.outbound.socks5 import (
     Socks5AuthFailed,
     Socks5ProtocolError,
@@ -170,5 +174,135 @@ def test_a_refusal_through_the_datagram_port_reaches_the_tun() -> None:
         [reply] = device.written
         assert IpPacket.parse(reply).protocol == PROTO_ICMP
         engine.close()
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- proxy.early_accept
+
+
+class HeldDialer:
+    """Each dial waits until the test settles it with a socket or an error."""
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[socket.socket]] = []
+
+    async def dial(self, flow: FlowRequested) -> socket.socket:
+        future: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        return await future
+
+
+def segments(device: RecordingDevice) -> list[TcpSegment]:
+    found = [TcpSegment.parse(IpPacket.parse(p)) for p in device.written]
+    device.written.clear()
+    return found
+
+
+def client_segment(syn_ack: TcpSegment, payload: bytes, src_port: int = 49152) -> bytes:
+    return TcpSegment(src_port, 80, 1001, syn_ack.seq + 1, ACK | PSH, 65535, payload).build(
+        4, CLIENT.packed, SERVER.packed
+    )
+
+
+def early_engine() -> tuple[Engine, RecordingDevice, HeldDialer, KnownDestinations]:
+    dialer, known = HeldDialer(), KnownDestinations(ttl=60.0)
+    engine, device, _port = make_engine(
+        lambda port: Collaborators(dialer, Recorder(), known_destinations=known)
+    )
+    return engine, device, dialer, known
+
+
+async def connect_once(
+    device: RecordingDevice, dialer: HeldDialer, src_port: int
+) -> tuple[socket.socket, TcpSegment]:
+    """One flow to SERVER:80 dialed to the end; the far end of its upstream, its SYN-ACK."""
+    assert device.on_packets is not None
+    device.on_packets([(syn_from(src_port), False)])
+    await settle()
+    ours, far = socket.socketpair()
+    ours.setblocking(False)
+    dialer.pending[-1].set_result(ours)
+    await settle()
+    [syn_ack] = segments(device)
+    return far, syn_ack
+
+
+def syn_from(src_port: int) -> bytes:
+    return TcpSegment(src_port, 80, 1000, 0, SYN, 65535).build(4, CLIENT.packed, SERVER.packed)
+
+
+def test_an_unknown_destination_gets_its_syn_ack_only_after_its_upstream_connected() -> None:
+    async def scenario() -> None:
+        engine, device, dialer, known = early_engine()
+        assert device.on_packets is not None
+        device.on_packets([(syn(), False)])
+        await settle()
+        assert device.written == []  # the dial is not done: no SYN-ACK yet
+        ours, far = socket.socketpair()
+        ours.setblocking(False)
+        dialer.pending[0].set_result(ours)
+        await settle()
+        [syn_ack] = segments(device)
+        assert syn_ack.flags == SYN | ACK
+        assert known.is_known((SERVER, 80), engine.loop.time())
+        assert known.counters.accepted == 0
+        engine.close()
+        far.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_known_destination_gets_its_syn_ack_at_once_and_its_data_waits_for_upstream() -> None:
+    async def scenario() -> None:
+        engine, device, dialer, _known = early_engine()
+        first_far, _ = await connect_once(device, dialer, 40000)
+        assert device.on_packets is not None
+        device.on_packets([(syn_from(40001), False)])
+        await settle()
+        [syn_ack] = segments(device)  # before the second dial has ended
+        assert syn_ack.flags == SYN | ACK
+        assert len(dialer.pending) == 2 and not dialer.pending[1].done()
+        device.on_packets([(client_segment(syn_ack, b"GET / HTTP/1.0\r\n\r\n", 40001), False)])
+        await settle()
+        ours, far = socket.socketpair()
+        ours.setblocking(False)
+        dialer.pending[1].set_result(ours)
+        await settle()
+        far.settimeout(2.0)
+        assert far.recv(100) == b"GET / HTTP/1.0\r\n\r\n"  # held in the stack, then sent
+        assert engine.stats_sources["early_accept"]() == {"known": 1, "accepted": 1, "reset": 0}
+        engine.close()
+        far.close()
+        first_far.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_dial_failing_after_an_early_syn_ack_resets_the_flow_and_forgets_it() -> None:
+    # RFC 9293 3.10.7.2/3.10.7.4: a connection that cannot go on is reset; here the client
+    # has its SYN-ACK already, so it sees the RST of an established connection.
+    async def scenario() -> None:
+        engine, device, dialer, known = early_engine()
+        first_far, _ = await connect_once(device, dialer, 40000)
+        assert device.on_packets is not None
+        device.on_packets([(syn_from(40001), False)])
+        await settle()
+        [syn_ack] = segments(device)
+        device.on_packets([(client_segment(syn_ack, b"data", 40001), False)])
+        await settle()
+        segments(device)  # the ACK of the data, if any
+        dialer.pending[1].set_exception(Socks5ReplyError(*SOCKS_ARGS, "CONNECT", 5))
+        await settle()
+        [reset] = segments(device)
+        assert reset.flags & RST
+        assert dict(engine.upstream_errors) == {"connection_refused": 1}
+        assert 40001 not in [r.flow.src_port for r in engine.relays.values()]
+        assert known.stats() == {"known": 0, "accepted": 1, "reset": 1}
+        device.on_packets([(syn_from(40002), False)])  # unknown again: waits for its dial
+        await settle()
+        assert device.written == []
+        engine.close()
+        first_far.close()
 
     asyncio.run(scenario())

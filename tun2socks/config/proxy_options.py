@@ -32,3 +32,8 @@ class ProxyPoolConfig(BaseModel):
     # Seconds a ready session may wait before it is closed unused: below the proxy's own
     # negotiation timeout (Dante's timeout.negotiate: 30 s by default).
     max_age: float = Field(default=20.0, gt=0, le=3600, strict=True, allow_inf_nan=False)
+
+
+# proxy.early_accept_ttl: seconds a destination stays "known" after its upstream connected
+# (outbound/known_destinations.py); proxy.early_accept (off by default) turns the path on.
+EarlyAcceptTtl = Annotated[float, Field(gt=0, le=3600, strict=True, allow_inf_nan=False)]

@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from tun2socks.config.echo import echo
-from tun2socks.config.proxy_options import PipelineSetting, ProxyPoolConfig
+from tun2socks.config.proxy_options import EarlyAcceptTtl, PipelineSetting, ProxyPoolConfig
 from tun2socks.config.proxy_url import (
     ParsedProxyUrl,
     expand_variables,
@@ -109,6 +109,8 @@ class ProxyConfig(BaseModel):
     pipeline: PipelineSetting = "auto"
     fast_open: bool = Field(default=False, strict=True)  # TCP Fast Open to the proxy
     pool: ProxyPoolConfig = Field(default_factory=ProxyPoolConfig)
+    early_accept: bool = Field(default=False, strict=True)  # SYN-ACK at once to known ones
+    early_accept_ttl: EarlyAcceptTtl = 60.0
 
     _endpoint: ParsedProxyUrl = PrivateAttr()
 

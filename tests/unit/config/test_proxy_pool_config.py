@@ -1,4 +1,5 @@
-"""proxy.pipeline, proxy.fast_open and proxy.pool (config/schema.py, config/proxy_pool.py)."""
+"""proxy.pipeline, proxy.fast_open, proxy.pool and proxy.early_accept (config/schema.py,
+config/proxy_options.py)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,13 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         settings(override)
     assert message in str(info.value)
+
+
+def test_early_accept_is_off_by_default_and_takes_a_positive_ttl() -> None:
+    proxy = settings().proxy
+    assert (proxy.early_accept, proxy.early_accept_ttl) == (False, 60.0)
+    proxy = settings("proxy.early_accept=true", "proxy.early_accept_ttl=5").proxy
+    assert (proxy.early_accept, proxy.early_accept_ttl) == (True, 5.0)
+    for bad in ("proxy.early_accept_ttl=0", "proxy.early_accept_ttl=-1", "proxy.early_accept=7"):
+        with pytest.raises(ConfigError):
+            settings(bad)
