@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--section",
         help="the bench/README.md section a complete run rewrites (default: its configuration's)",
     )
+    parser.add_argument(
+        "--early-accept",
+        action="store_true",
+        help="run tun2socks with proxy.early_accept: true (SYN-ACK at once to known destinations)",
+    )
     parser.add_argument("--log-level", default="warning", help="tun2socks log level")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
     args = parser.parse_args(argv)
@@ -88,6 +93,8 @@ def tun2socks_extra(args: argparse.Namespace, proxy_port: int | None = None) -> 
         extra["tun"] = {"offload": False}
     if proxy_port is not None:
         extra["proxy"] = {"url": f"socks5://{bedlib.SRV_VETH_IP}:{proxy_port}"}
+    if args.early_accept:
+        extra.setdefault("proxy", {})["early_accept"] = True
     return extra
 
 
@@ -302,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         "stamp": stamp,
         "file": f"{stamp}.json",
         "commit": git_commit(),
-        "variant": report.variant_of(args.mtu, offload),
+        # Not the shipped defaults with early_accept: printed and saved, never published.
+        "variant": None if args.early_accept else report.variant_of(args.mtu, offload),
+        "early_accept": args.early_accept,
         "mtu": mtu,
         "offload": offload,
         "rows": args.selected,
