@@ -152,7 +152,7 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
     # Flows whose path went away are reset, not left hanging; shared connections reopened,
     # and the proxy sessions kept ready dropped (they may leave from a link that is gone).
     reopen = [udp_relay.reopen, sessions.flush, *([dns.forwarder.reopen_upstreams] if dns else [])]
-    paths = PathWatch(engine, loop, reopen=reopen, uplink=default_interface)
+    paths = PathWatch(engine, loop, reopen=reopen, uplink=default_interface, tun_name=device.name)
     # What start-up built (modules, config, pydantic models: some 66,000 objects) lives as long
     # as the process: out of the collector's sight, a full collection no longer walks it (29 ms
     # measured), which otherwise lands as a pause on whatever flows are active.

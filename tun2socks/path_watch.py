@@ -74,11 +74,13 @@ class PathWatch:
         *,
         reopen: Sequence[Callable[[], object]] = (),
         uplink: DefaultInterface | None = None,
+        tun_name: str | None = None,
     ) -> None:
         self.engine = engine
         self.loop = loop
         self.reopen = list(reopen)
         self.uplink = uplink
+        self.tun_name = tun_name  # a default route into it moves no path of ours
         self.watcher = NetlinkWatcher(self._changed)
         self._summary: PathSummary | None = None  # the path at the previous change
 
@@ -87,7 +89,7 @@ class PathWatch:
 
     def _changed(self, ipr: Any) -> None:  # in the watcher's thread
         usable = usable_addresses(ipr)
-        summary = summarize(ipr, usable)
+        summary = summarize(ipr, usable, self.tun_name)
         if self.uplink is not None and self.uplink.refresh(ipr):
             log.warning("network changed: outbound sockets bind to %s", self.uplink.describe())
         moved = self._summary is not None and summary != self._summary

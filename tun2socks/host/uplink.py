@@ -53,11 +53,19 @@ class PathSummary:
     defaults: tuple[tuple[int, int | None, str | None], ...]  # (family, oif, gateway)
 
 
-def summarize(ipr: Any, usable: frozenset[str] | None = None) -> PathSummary:
-    """The usable addresses and the default route of each family, as the main table has them."""
+def summarize(
+    ipr: Any, usable: frozenset[str] | None = None, skip_device: str | None = None
+) -> PathSummary:
+    """The usable addresses and the default route of each family, as the main table has them.
+    A default route through `skip_device` (the TUN) is not a path of ours: our sockets never
+    take it (route.auto's own routes, or a user pointing the default at the TUN)."""
+    skip = None
+    if skip_device is not None:
+        links = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+        skip = links.get(skip_device)
     defaults = []
     for family in FAMILIES:
-        best = default_route(main_routes(ipr, family))
+        best = default_route(main_routes(ipr, family), skip_oif=skip)
         defaults.append((family, best.oif, best.gateway) if best else (family, None, None))
     found = usable_addresses(ipr) if usable is None else usable
     return PathSummary(found, tuple(defaults))
