@@ -1,7 +1,8 @@
 """The SOCKS5 session pool and pipelining (issue 14, build 2) against real danted and microsocks:
 a proxy that closes idle sessions, a proxy restarted under the pool, a wrong password,
 microsocks (which loses pipelined messages) with ``pipeline: auto``, TCP Fast Open, and a pool
-that opens nothing while no flows are made. Counters come from ``/stats`` (components.pool).
+that opens nothing while no flows are made, nor for a proxy nearer than
+``proxy.pool.min_round_trip``. Counters come from ``/stats`` (components.pool).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.integration import bed as bedlib
 from tun2socks.outbound.dialer import Socks5Dialer
 from tun2socks.outbound.pool_policy import PoolPolicy
 from tun2socks.outbound.session_pool import SessionPool
-from tun2socks.outbound.socks5 import ProxyEndpoint, open_session
+from tun2socks.outbound.socks5 import ProxyEndpoint, RoundTripObserver, open_session
 from tun2socks.outbound.socks5_wire import build_reply
 
 pytestmark = [
@@ -38,6 +39,9 @@ URL = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/small"
 SHORT_NEGOTIATE_PORT = 1097  # a danted that closes a session idle for 1 s before its request
 RESTART_PORT = 1098  # a danted the test kills and starts again
 FAST_OPEN_PORT = 1099  # a danted whose listener takes TCP Fast Open
+# The bed's proxies are a veth away (a login round trip of about 0.1 ms), nearer than the
+# shipped proxy.pool.min_round_trip: the tests of the pool itself turn that rule off.
+ALWAYS = {"min_round_trip": 0.0}
 AUTH_FAILURE = re.compile(r"(?i)(auth|password|credential).*(fail|reject|denied|invalid|wrong|bad)")
 
 
@@ -148,7 +152,7 @@ def proxy_connections(bed: bedlib.Bed, port: int) -> int:
 def test_pool_hits_pipeline_probe_and_nothing_opened_while_idle(
     bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
 ) -> None:
-    start_tun2socks(extra={"proxy": {"pool": {"max_age": 2.0}}})
+    start_tun2socks(extra={"proxy": {"pool": {**ALWAYS, "max_age": 2.0}}})
     # Before any flow: the pool has opened nothing, and the probe has not run.
     time.sleep(1.0)
     idle = pool_stats(bed)
@@ -170,13 +174,32 @@ def test_pool_hits_pipeline_probe_and_nothing_opened_while_idle(
     assert proxy_connections(bed, bedlib.SOCKS_PORT) == 0
 
 
+def test_no_sessions_for_a_proxy_nearer_than_min_round_trip(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
+) -> None:
+    # Shipped default (2 ms): the bed's danted answers a login in about 0.1 ms, so a ready
+    # session would save less than it costs; the flows dial afresh and measure the distance.
+    start_tun2socks()
+    time.sleep(1.0)  # past the bed's routing into the TUN (a network change: forgets it)
+    assert_gets(bed, 10)
+    near = pool_stats(bed)
+    assert near["opened"] == near["hits"] == near["size"] == 0, near
+    assert 0 < near["round_trip_us"] < 2000, near
+    # The same proxy with a threshold below its round trip: the pool fills and is used.
+    start_tun2socks(extra={"proxy": {"pool": {"min_round_trip": near["round_trip_us"] / 4e6}}})
+    time.sleep(1.0)
+    assert_gets(bed, 10)
+    far = pool_stats(bed)
+    assert far["opened"] >= 5 and far["hits"] >= 5, far
+
+
 def test_a_proxy_that_closes_idle_sessions(
     bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, danted_factory: Any
 ) -> None:
     # danted closes a session that sent no request within 1 s (timeout.negotiate); the pool
     # would keep its sessions 30 s: each is closed by the proxy first and must be discarded.
     server = danted_factory(SHORT_NEGOTIATE_PORT, negotiate_s=1)
-    start_tun2socks(extra={"proxy": {"url": server.url, "pool": {"max_age": 30.0}}})
+    start_tun2socks(extra={"proxy": {"url": server.url, "pool": {**ALWAYS, "max_age": 30.0}}})
     for _ in range(3):
         assert_gets(bed, 4)
         first = apiclient.wait_for("ready sessions", lambda: (s := pool_stats(bed))["size"] and s)
@@ -194,7 +217,7 @@ def test_a_proxy_restarted_under_the_pool(
     bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, danted_factory: Any
 ) -> None:
     server = danted_factory(RESTART_PORT)
-    start_tun2socks(extra={"proxy": {"url": server.url}})
+    start_tun2socks(extra={"proxy": {"url": server.url, "pool": ALWAYS}})
     assert_gets(bed, 6)
     apiclient.wait_for("a ready session", lambda: pool_stats(bed)["size"] >= 1)
     before = pool_stats(bed)
@@ -211,7 +234,7 @@ def test_pooled_sessions_log_in_with_username_and_password(
     bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
 ) -> None:
     # RFC 1929 on every pooled session, greeting and login in one write once probed.
-    t2s = start_tun2socks(auth=True)
+    t2s = start_tun2socks(auth=True, extra={"proxy": {"pool": ALWAYS}})
     time.sleep(1.0)  # past the bed's routing into the TUN, a network change that drops the pool
     assert_gets(bed, 4)
     apiclient.wait_for("the probe's answer", lambda: pool_stats(bed)["pipeline"] == 1)
@@ -225,7 +248,7 @@ def test_a_wrong_password_resets_the_client_and_logs_one_line(
     bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks
 ) -> None:
     wrong = "wrong-" + bed.socks_password[::-1]
-    t2s = start_tun2socks(auth=True, password=wrong)
+    t2s = start_tun2socks(auth=True, password=wrong, extra={"proxy": {"pool": ALWAYS}})
     for _ in range(2):
         started = time.monotonic()
         proc = get_small(bed)
@@ -247,7 +270,7 @@ def test_microsocks_with_pipeline_auto(
     # microsocks 1.0.3 reads one message per recv(): a pipelined handshake would hang.
     bed.start_optional_servers(microsocks=True)
     url = f"socks5://{bedlib.SRV_VETH_IP}:{bedlib.MICROSOCKS_PORT}"
-    t2s = start_tun2socks(extra={"proxy": {"url": url}})
+    t2s = start_tun2socks(extra={"proxy": {"url": url, "pool": ALWAYS}})
     started = time.monotonic()
     assert_gets(bed, 5)  # sequential while the probe waits for its answer
     assert time.monotonic() - started < 5.0
@@ -332,8 +355,8 @@ async def _pooled_dialer(server: ScriptedProxy) -> tuple[asyncio.Server, Socks5D
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     proxy = ProxyEndpoint("127.0.0.1", listener.sockets[0].getsockname()[1])
 
-    async def opener() -> Any:
-        return await open_session(proxy, timeout=5, pipeline=False)
+    async def opener(on_round_trip: RoundTripObserver) -> Any:
+        return await open_session(proxy, timeout=5, pipeline=False, on_round_trip=on_round_trip)
 
     pool = SessionPool(opener, PoolPolicy(max_size=2, max_age=30.0))
     return listener, Socks5Dialer(proxy, timeout=5, pipeline=False, pool=pool), pool

@@ -32,6 +32,9 @@ class ProxyPoolConfig(BaseModel):
     # Seconds a ready session may wait before it is closed unused: below the proxy's own
     # negotiation timeout (Dante's timeout.negotiate: 30 s by default).
     max_age: float = Field(default=20.0, gt=0, le=3600, strict=True, allow_inf_nan=False)
+    # Seconds: sessions only for a proxy whose login round trip is at least this (0: always).
+    # Nearer, a ready session saves less than it costs (outbound/pool_policy.py).
+    min_round_trip: float = Field(default=0.002, ge=0, le=10, strict=True, allow_inf_nan=False)
 
 
 # proxy.early_accept_ttl: seconds a destination stays "known" after its upstream connected

@@ -99,5 +99,6 @@ class Socks5Dialer:
             pipeline=self.pipeline.use_now(),
             prepare_socket=self.prepare_socket,
             fast_open=self.fast_open,
+            on_round_trip=self.pool.round_trip_seen if self.pool is not None else None,
         )
         return sock

@@ -129,16 +129,18 @@ def _socks5_dialer(
     pool = None
     if proxy.scheme == "socks5" and entry.pool.size > 0:
 
-        async def open_session() -> socket.socket:
+        async def open_session(on_round_trip: socks5.RoundTripObserver) -> socket.socket:
             return await socks5.open_session(
                 proxy,
                 timeout=timeout,
                 pipeline=pipelining.use_now(),
                 prepare_socket=protect,
                 fast_open=entry.fast_open,
+                on_round_trip=on_round_trip,
             )
 
-        pool = SessionPool(open_session, PoolPolicy(entry.pool.size, entry.pool.max_age))
+        policy = PoolPolicy(entry.pool.size, entry.pool.max_age, entry.pool.min_round_trip)
+        pool = SessionPool(open_session, policy)
     if sessions is not None and proxy.scheme == "socks5":
         sessions.add(stats_name, pipelining, pool)
     return Socks5Dialer(

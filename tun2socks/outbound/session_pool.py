@@ -5,7 +5,9 @@ CONNECT before its SYN-ACK. ``SessionPool.take`` hands out a session on which th
 are done, so the flow pays the CONNECT round trip only (``socks5.connect_on_session``). The
 sizing rules are ``pool_policy.PoolPolicy``: sessions are opened in the background right
 after a flow was made, as many as flows were made in the last second (at most
-``proxy.pool.size``), never while no flows are made, and closed after ``proxy.pool.max_age``.
+``proxy.pool.size``), never while no flows are made, closed after ``proxy.pool.max_age``, and
+none at all for a proxy nearer than ``proxy.pool.min_round_trip``: every login, the pool's and
+the fresh dials' (``round_trip_seen``), tells the policy how far away the proxy is.
 
 A waiting session should receive nothing: the loop watches each one, and one that becomes
 readable (the proxy closed it on an idle timeout, was restarted, reset it) is discarded at
@@ -31,8 +33,10 @@ from dataclasses import dataclass, field
 
 from tun2socks.outbound.pipeline_probe import Pipelining
 from tun2socks.outbound.pool_policy import PoolPolicy
+from tun2socks.outbound.socks5 import RoundTripObserver
 
-OpenSession = Callable[[], Awaitable[socket.socket]]
+# Opens one logged-in session, telling the observer its login's round trip.
+OpenSession = Callable[[RoundTripObserver], Awaitable[socket.socket]]
 
 
 @dataclass(eq=False)  # compared by identity: one per socket
@@ -94,6 +98,10 @@ class SessionPool:
         self.counters.discarded += 1
         self.counters.misses += 1
 
+    def round_trip_seen(self, seconds: float) -> None:
+        """A login to this proxy took `seconds` from greeting to method selection."""
+        self.policy.round_trip_seen(seconds)
+
     def refill(self) -> None:
         """Open the sessions the recent flows call for, in the background. After the flow's
         own dial, not before: on a busy proxy the new logins would delay its CONNECT."""
@@ -109,7 +117,7 @@ class SessionPool:
         assert self._loop is not None
         generation = self._generation
         try:
-            sock = await self.open_session()
+            sock = await self.open_session(self.round_trip_seen)
         except Exception:  # any failure: no session; the flows dial and report it
             self.counters.open_failures += 1
             self.policy.open_failed(self._loop.time())
@@ -153,16 +161,21 @@ class SessionPool:
         network change they may leave from an address or link that is gone, where a CONNECT
         would wait for its timeout instead of failing."""
         self._generation += 1
+        self.policy.forget_round_trips()
         for session in list(self._ready):
             if self._drop(session):
                 self.counters.discarded += 1
 
     def stats(self) -> dict[str, int]:
         now = self._loop.time() if self._loop is not None else time.monotonic()
+        round_trip = self.policy.round_trip
         return {
             "size": len(self._ready),
             "opening": len(self._opening),
             "target": self.policy.target(now) if self._loop is not None else 0,
+            # The smallest login round trip since the last network change (0: none yet);
+            # below proxy.pool.min_round_trip the pool stays empty.
+            "round_trip_us": round(round_trip * 1e6) if round_trip is not None else 0,
             **vars(self.counters),
         }
 

@@ -48,6 +48,8 @@ from tun2socks.outbound.socks5_wire import (
 )
 
 SocketHook = Callable[[socket.socket], None]
+# Told each login's round trip in seconds (greeting sent to method selection received).
+RoundTripObserver = Callable[[float], None]
 T = TypeVar("T")
 # linux/tcp.h: connect() returns at once and the first write goes out in the SYN (Linux 4.11).
 TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
@@ -209,6 +211,7 @@ async def connect(
     pipeline: bool = True,
     prepare_socket: SocketHook | None = None,
     fast_open: bool = False,
+    on_round_trip: RoundTripObserver | None = None,
 ) -> tuple[socket.socket, tuple[str, int]]:
     """A socket connected through ``proxy`` to ``dst_host:dst_port``, and the proxy's bound address.
 
@@ -221,6 +224,7 @@ async def connect(
     ``SO_BINDTODEVICE`` so that the proxy connection stays out of the TUN). ``fast_open`` asks
     for TCP Fast Open (RFC 7413): the first write (the greeting) rides in the SYN when the
     kernel holds a cookie for the proxy; silently a plain connect where the kernel cannot.
+    ``on_round_trip`` is told the login's round trip (the session pool's distance rule).
 
     Raises a ``Socks5Error`` subclass on failure; ``ValueError`` for an unusable destination
     (a port out of range, a name longer than 255 bytes).
@@ -234,6 +238,7 @@ async def connect(
         pipeline=pipeline,
         prepare_socket=prepare_socket,
         fast_open=fast_open,
+        on_round_trip=on_round_trip,
     )
 
 
@@ -248,6 +253,7 @@ async def request(
     prepare_socket: SocketHook | None = None,
     address_from_socket: Callable[[socket.socket], tuple[str, int]] | None = None,
     fast_open: bool = False,
+    on_round_trip: RoundTripObserver | None = None,
 ) -> tuple[socket.socket, tuple[str, int]]:
     """The driver behind ``connect`` and UDP ASSOCIATE: the control socket and the bound address.
 
@@ -257,7 +263,9 @@ async def request(
     """
     command_name = command.name.replace("_", " ")
     request_bytes = build_request(command, dst_host, dst_port)
-    attempt = _Attempt(proxy, command_name, format_host_port(dst_host, dst_port))
+    attempt = _Attempt(
+        proxy, command_name, format_host_port(dst_host, dst_port), on_round_trip=on_round_trip
+    )
 
     async def steps() -> tuple[str, int]:
         nonlocal request_bytes
@@ -289,11 +297,12 @@ async def open_session(
     pipeline: bool,
     prepare_socket: SocketHook | None = None,
     fast_open: bool = False,
+    on_round_trip: RoundTripObserver | None = None,
 ) -> socket.socket:
     """A socket to ``proxy`` on which the greeting and authentication are done (RFC 1928
     section 3, RFC 1929), ready for one request by ``connect_on_session``. With ``pipeline``
     the greeting and authentication go in one write."""
-    attempt = _Attempt(proxy, "login", proxy.address)
+    attempt = _Attempt(proxy, "login", proxy.address, on_round_trip=on_round_trip)
 
     async def steps() -> None:
         await attempt.connect_to_proxy(prepare_socket, fast_open=fast_open)
@@ -357,8 +366,11 @@ class _Attempt:
         command: str,
         target: str,
         sock: socket.socket | None = None,
+        *,
+        on_round_trip: RoundTripObserver | None = None,
     ) -> None:
         self.proxy = proxy
+        self.on_round_trip = on_round_trip
         self.command = command
         self.target = target
         self.sock = sock
@@ -435,6 +447,7 @@ class _Attempt:
         # One method offered: the only valid answer is known before it arrives, which is what
         # makes sending everything at once safe (RFC 1928 section 3).
         greeting = build_greeting([method])
+        sent_at = self.loop.time()
         try:
             if pipeline:
                 await self._send(greeting + (auth or b"") + request)
@@ -442,6 +455,8 @@ class _Attempt:
                 await self._send(greeting)
             self.phase = "waiting for the method selection"
             chosen = parse_method_selection(await self._recv_exactly(METHOD_SELECTION_SIZE))
+            if self.on_round_trip is not None:
+                self.on_round_trip(self.loop.time() - sent_at)
             if chosen == AuthMethod.NO_ACCEPTABLE_METHODS:
                 offered = "username/password" if auth else "no authentication"
                 reason = f"proxy accepts none of the offered methods ({offered})"

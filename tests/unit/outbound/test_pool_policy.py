@@ -60,7 +60,56 @@ def test_size_zero_never_opens() -> None:
     assert policy.to_open(1.0, ready=0, opening=0) == 0
 
 
-@pytest.mark.parametrize(("size", "age"), [(-1, 1.0), (1, 0.0), (1, -2.0)])
-def test_bad_settings_are_refused(size: int, age: float) -> None:
+@pytest.mark.parametrize(
+    ("size", "age", "round_trip"), [(-1, 1.0, 0.0), (1, 0.0, 0.0), (1, -2.0, 0.0), (1, 1.0, -1.0)]
+)
+def test_bad_settings_are_refused(size: int, age: float, round_trip: float) -> None:
     with pytest.raises(ValueError):
-        PoolPolicy(max_size=size, max_age=age)
+        PoolPolicy(max_size=size, max_age=age, min_round_trip=round_trip)
+
+
+def _busy(policy: PoolPolicy, now: float) -> None:
+    for step in range(5):
+        policy.flow_made(now + step * 0.01)
+
+
+def test_a_proxy_nearer_than_min_round_trip_gets_no_sessions() -> None:
+    policy = PoolPolicy(max_size=8, max_age=20.0, min_round_trip=0.002)
+    _busy(policy, 1.0)
+    assert policy.to_open(1.1, ready=0, opening=0) == 0  # no login measured yet: wait
+    policy.round_trip_seen(0.0004)
+    assert policy.to_open(1.1, ready=0, opening=0) == 0
+
+
+def test_a_proxy_at_least_min_round_trip_away_gets_sessions() -> None:
+    policy = PoolPolicy(max_size=8, max_age=20.0, min_round_trip=0.002)
+    _busy(policy, 1.0)
+    policy.round_trip_seen(0.021)
+    assert policy.to_open(1.1, ready=0, opening=0) == 5
+
+
+def test_the_smallest_round_trip_decides_so_queueing_under_load_does_not_count() -> None:
+    # A near proxy measured once when idle; then every login waits in queues for 15 ms.
+    policy = PoolPolicy(max_size=8, max_age=20.0, min_round_trip=0.002)
+    _busy(policy, 1.0)
+    policy.round_trip_seen(0.00007)
+    for _ in range(1000):
+        policy.round_trip_seen(0.015)
+    assert policy.round_trip == 0.00007
+    assert policy.to_open(1.1, ready=0, opening=0) == 0
+
+
+def test_a_network_change_forgets_the_distance() -> None:
+    policy = PoolPolicy(max_size=8, max_age=20.0, min_round_trip=0.002)
+    _busy(policy, 1.0)
+    policy.round_trip_seen(0.0001)
+    policy.forget_round_trips()
+    assert policy.round_trip is None
+    policy.round_trip_seen(0.030)  # the new path goes far away (a VPN came up, say)
+    assert policy.to_open(1.1, ready=0, opening=0) == 5
+
+
+def test_min_round_trip_zero_keeps_sessions_for_any_proxy() -> None:
+    policy = PoolPolicy(max_size=8, max_age=20.0, min_round_trip=0.0)
+    _busy(policy, 1.0)
+    assert policy.to_open(1.1, ready=0, opening=0) == 5
