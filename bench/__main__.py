@@ -220,6 +220,11 @@ def record_profiles(bed: bedlib.Bed, runner: Runner, run: dict[str, Any]) -> dic
         profiles[direction] = profile.record(runner, reverse=reverse, out_path=out)
         print(f"  profile {direction}: {profiles[direction].get('samples', profiles[direction])}")
         time.sleep(rows.SETTLE_S)
+    out = report.RESULTS_DIR / f"{run['stamp']}-profile-connections.txt"
+    profiles["connections"] = profile.record_connections(runner, out_path=out)
+    print(
+        f"  profile connections: {profiles['connections'].get('samples', profiles['connections'])}"
+    )
     return profiles
 
 

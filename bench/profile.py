@@ -1,14 +1,18 @@
-"""`--profile`: where tun2socks spends its time during a bulk upload and a bulk download.
+"""`--profile`: where tun2socks spends its time during a bulk upload, a bulk download, and
+new connections one after the other (the sequential row's workload: the connection path).
 
 py-spy samples the running tun2socks process from outside (`py-spy record -p PID -f raw
---function`, 100 samples/s, idle samples left out) while iperf3 moves data through the TUN. The
-raw output is collapsed stacks, one line per distinct stack: `frame;frame;...;leaf COUNT`. From
+--function`, 100 samples/s, idle samples left out) while iperf3 moves data through the TUN. For the
+connection path `netclient.py get-many -c 1` makes GETs one after the other. The raw output is
+collapsed stacks, one line per distinct stack: `frame;frame;...;leaf COUNT`. From
 it: each function's inclusive share (samples with the function anywhere on the stack) and self
 share (samples with it as the leaf), as fractions of all samples. The raw files are kept next to
 the JSON (speedscope.app opens them as they are).
 
 py-spy pauses the process for each sample, so throughput under the profiler is a bit lower
-than in the table; it is reported only to show that the profile saw a loaded process.
+than in the table; it is reported only to show that the profile saw a loaded process. Time in
+a system call (the kernel carrying a packet through the veth or the TUN to its receiver, in
+our process's context) counts as self time of the Python function that made it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .rows import LABEL_TUN, Runner
 PROFILE_SECS = 5
 WARMUP_S = 1.5  # let slow start end before sampling
 TOP_N = 20
+CONNECTIONS = 4000  # more than PROFILE_SECS + WARMUP_S take one after the other
 _FRAME_RE = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::\d+)?\)$")
 
 
@@ -81,7 +86,10 @@ def summarize(raw: str, top: int = TOP_N) -> dict[str, Any]:
         }
         for name, n in ranked[:top]
     ]
-    return {"samples": total, "trunk": trunk, "top": rows}
+    by_self = [
+        {"function": name, "self": round(n / total, 4)} for name, n in leaf.most_common(top // 2)
+    ]
+    return {"samples": total, "trunk": trunk, "top": rows, "top_self": by_self}
 
 
 def record(runner: Runner, *, reverse: bool, out_path: Path) -> dict[str, Any]:
@@ -124,11 +132,60 @@ def record(runner: Runner, *, reverse: bool, out_path: Path) -> dict[str, Any]:
     return summary
 
 
+def record_connections(runner: Runner, *, out_path: Path) -> dict[str, Any]:
+    """Profile tun2socks for PROFILE_SECS while new connections are made one after the other
+    (each a GET of /small that the server closes)."""
+    t2s = runner.bed.tun2socks
+    spy = py_spy()
+    if spy is None:
+        return {"error": "py-spy not found (pip install -e '.[bench]')"}
+    if t2s is None or t2s.process.poll() is not None:
+        return {"error": "tun2socks is not running"}
+    secs = PROFILE_SECS + WARMUP_S + 2
+    args = ["get-many", "--host", bedlib.TARGET_IP, "--path", "/small", "-n", str(CONNECTIONS)]
+    args += ["-c", "1", "--req-timeout", "15", "--total-timeout", str(int(secs))]
+    client = subprocess.Popen(
+        [*runner.bed.cli_prefix(), sys.executable, str(bedlib.NET_CLIENT_SCRIPT), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(WARMUP_S)
+        cpu_before = bedlib.process_cpu_seconds(t2s.pid)
+        spy_cmd = [spy, "record", "-p", str(t2s.pid), "-d", str(PROFILE_SECS), "-f", "raw"]
+        spy_cmd += ["--function", "-o", str(out_path)]
+        spied = bedlib.run(spy_cmd, timeout=runner.time_left(PROFILE_SECS + 30), check=False)
+        cpu = bedlib.process_cpu_seconds(t2s.pid) - cpu_before
+        out, _ = client.communicate(timeout=runner.time_left(secs + 30))
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(5)
+    if spied.returncode != 0 or not out_path.exists():
+        return {"error": f"py-spy exit {spied.returncode}: {spied.stderr.strip()[-300:]}"}
+    summary = summarize(out_path.read_text())
+    summary["raw_file"] = out_path.name
+    try:
+        result = json.loads(out)
+        summary["req_per_s_under_profiler"] = result["rate_per_s"]
+        # The client ran on past the profile (the total timeout ends it): its rate stands
+        # for the profiled seconds as well.
+        summary["cpu_ms_per_connection"] = round(
+            1000 * cpu / (result["rate_per_s"] * PROFILE_SECS), 3
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError):
+        summary["client_error"] = out[-300:]
+    return summary
+
+
 def markdown(profiles: dict[str, dict[str, Any]], context: str) -> str:
     lines = [
         f"Recorded {context} with `py-spy record --function` ({PROFILE_SECS} s at 100 Hz; "
         "samples py-spy judges idle are left out, so a share of `select` means waiting it did "
-        "not recognise) during one bulk iperf3 transfer each way through the TUN. Inclusive: "
+        "not recognise) during one bulk iperf3 transfer each way through the TUN, and while "
+        "new connections are made one after the other (`connections`). Inclusive: "
         "share of samples with the function anywhere on the stack; self: as the innermost frame.",
     ]
     for direction, profile in profiles.items():
@@ -136,10 +193,16 @@ def markdown(profiles: dict[str, dict[str, Any]], context: str) -> str:
         if "error" in profile:
             lines += ["", f"not recorded: `{profile['error'][:200]}`"]
             continue
+        if "req_per_s_under_profiler" in profile:
+            under = (
+                f"{profile['req_per_s_under_profiler']} connections/s under the profiler, "
+                f"{profile.get('cpu_ms_per_connection', '?')} ms of tun2socks CPU each"
+            )
+        else:
+            under = f"iperf3 under the profiler {profile.get('gbit_s_under_profiler', '?')} Gbit/s"
         lines += [
             "",
-            f"{profile['samples']} samples; iperf3 under the profiler "
-            f"{profile.get('gbit_s_under_profiler', '?')} Gbit/s; raw stacks "
+            f"{profile['samples']} samples; {under}; raw stacks "
             f"`bench/results/{profile['raw_file']}`. Left out, on every stack and never the "
             f"innermost: {', '.join(f'`{t}`' for t in profile.get('trunk', [])) or 'nothing'}.",
             "",
@@ -151,4 +214,9 @@ def markdown(profiles: dict[str, dict[str, Any]], context: str) -> str:
             lines.append(
                 f"| {i} | `{name}` | {100 * row['inclusive']:.1f}% | {100 * row['self']:.1f}% |"
             )
+        if profile.get("top_self"):
+            shares = ", ".join(
+                f"`{row['function']}` {100 * row['self']:.1f}%" for row in profile["top_self"]
+            )
+            lines += ["", f"The most self time: {shares}."]
     return "\n".join(lines)
