@@ -186,9 +186,10 @@ def test_no_sessions_for_a_proxy_nearer_than_min_round_trip(
     assert near["opened"] == near["hits"] == near["size"] == 0, near
     assert 0 < near["round_trip_us"] < 2000, near
     # The same proxy with a threshold below its round trip: the pool fills and is used.
+    # The first ROUND_TRIP_SAMPLES (4) flows measure; the pool serves the rest.
     start_tun2socks(extra={"proxy": {"pool": {"min_round_trip": near["round_trip_us"] / 4e6}}})
     time.sleep(1.0)
-    assert_gets(bed, 10)
+    assert_gets(bed, 12)
     far = pool_stats(bed)
     assert far["opened"] >= 5 and far["hits"] >= 5, far
 

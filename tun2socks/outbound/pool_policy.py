@@ -19,8 +19,9 @@ login reports its round trip (greeting out, method selection in: ``round_trip_se
 smallest since the last change of network (``forget_round_trips``, on each path change)
 decides. The smallest, because queues only ever add to a round trip, and under load they add
 a lot: 2,000 connections 100 at a time through the local danted took 15 ms for every one of
-16 logins in a row, where the idle round trip is 0.07 ms. Until the first login the pool
-waits.
+16 logins in a row, where the idle round trip is 0.07 ms. Until ``ROUND_TRIP_SAMPLES``
+logins were measured the pool waits: the first ones after a start are slow too (a cold
+proxy and a cold tun2socks took more than 2 ms for a login that then took 0.1).
 
 Time is an argument (seconds on any monotonic clock), so tests step it.
 """
@@ -31,6 +32,7 @@ from collections import deque
 
 RATE_WINDOW_S = 1.0
 OPEN_HOLD_OFF_S = 1.0
+ROUND_TRIP_SAMPLES = 4
 
 
 class PoolPolicy:
@@ -47,6 +49,7 @@ class PoolPolicy:
         self.max_age = max_age
         self.min_round_trip = min_round_trip
         self.round_trip: float | None = None  # the smallest login round trip, None before one
+        self._round_trip_samples = 0
         # Only the newest max_size flows matter: the target never exceeds that many.
         self._flows: deque[float] = deque(maxlen=max(max_size, 1))
         self._hold_off_until = float("-inf")
@@ -56,12 +59,14 @@ class PoolPolicy:
 
     def round_trip_seen(self, seconds: float) -> None:
         """A login's round trip to the proxy (greeting sent to method selection received)."""
+        self._round_trip_samples += 1
         if self.round_trip is None or seconds < self.round_trip:
             self.round_trip = seconds
 
     def forget_round_trips(self) -> None:
         """The network changed: the proxy may be nearer or farther now."""
         self.round_trip = None
+        self._round_trip_samples = 0
 
     @property
     def far_enough(self) -> bool:
@@ -69,7 +74,11 @@ class PoolPolicy:
         if self.min_round_trip == 0:
             return True
         round_trip = self.round_trip
-        return round_trip is not None and round_trip >= self.min_round_trip
+        return (
+            round_trip is not None
+            and self._round_trip_samples >= ROUND_TRIP_SAMPLES
+            and round_trip >= self.min_round_trip
+        )
 
     def target(self, now: float) -> int:
         """Sessions worth keeping ready: flows made in the last window, at most max_size;

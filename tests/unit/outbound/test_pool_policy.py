@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tun2socks.outbound.pool_policy import OPEN_HOLD_OFF_S, RATE_WINDOW_S, PoolPolicy
+from tun2socks.outbound.pool_policy import (
+    OPEN_HOLD_OFF_S,
+    RATE_WINDOW_S,
+    ROUND_TRIP_SAMPLES,
+    PoolPolicy,
+)
 
 
 def test_without_flows_the_pool_wants_no_session_ever() -> None:
@@ -81,11 +86,23 @@ def test_a_proxy_nearer_than_min_round_trip_gets_no_sessions() -> None:
     assert policy.to_open(1.1, ready=0, opening=0) == 0
 
 
-def test_a_proxy_at_least_min_round_trip_away_gets_sessions() -> None:
+def test_a_proxy_at_least_min_round_trip_away_gets_sessions_once_measured_enough() -> None:
     policy = PoolPolicy(max_size=8, max_age=20.0, min_round_trip=0.002)
     _busy(policy, 1.0)
+    for _ in range(ROUND_TRIP_SAMPLES - 1):
+        policy.round_trip_seen(0.021)
+        assert policy.to_open(1.1, ready=0, opening=0) == 0  # a cold start's logins are slow
     policy.round_trip_seen(0.021)
     assert policy.to_open(1.1, ready=0, opening=0) == 5
+
+
+def test_a_slow_first_login_of_a_near_proxy_opens_nothing() -> None:
+    policy = PoolPolicy(max_size=8, max_age=20.0, min_round_trip=0.002)
+    _busy(policy, 1.0)
+    policy.round_trip_seen(0.004)  # cold proxy, cold caches
+    for _ in range(ROUND_TRIP_SAMPLES):
+        assert policy.to_open(1.1, ready=0, opening=0) == 0
+        policy.round_trip_seen(0.0001)
 
 
 def test_the_smallest_round_trip_decides_so_queueing_under_load_does_not_count() -> None:
@@ -105,7 +122,8 @@ def test_a_network_change_forgets_the_distance() -> None:
     policy.round_trip_seen(0.0001)
     policy.forget_round_trips()
     assert policy.round_trip is None
-    policy.round_trip_seen(0.030)  # the new path goes far away (a VPN came up, say)
+    for _ in range(ROUND_TRIP_SAMPLES):  # the new path goes far away (a VPN came up, say)
+        policy.round_trip_seen(0.030)
     assert policy.to_open(1.1, ready=0, opening=0) == 5
 
 
