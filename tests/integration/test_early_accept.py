@@ -215,3 +215,19 @@ def test_microsocks_early_flows_wait_for_the_connect_reply(
     assert stats["accepted"] >= gets and stats["reset"] == 0, stats
     assert stats["pipelined"] == 0 and stats["pipelined_first_data"] == 0, stats
     assert pool_stats(bed)["hits"] - hits >= gets - 2  # on pooled sessions, reply awaited
+
+
+def test_a_client_that_half_closes_behind_its_pipelined_request_gets_the_whole_answer(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, server: HttpServer
+) -> None:
+    # Request and FIN follow the CONNECT before its reply: the proxy must see the FIN only as
+    # the end of the client's data (shutdown(SHUT_WR) on the session), and answer in full.
+    start_tun2socks(extra={"proxy": {"early_accept": True}})
+    know_the_server_and_warm_the_pool(bed, pipeline=1)
+    size = 200_000
+    args = ["half-close", "--host", bedlib.TARGET_IP, "--port", str(PORT), "--size", str(size)]
+    for _ in range(3):
+        result = bed.netclient([*args, "--timeout", "10"], timeout=30)
+        assert result == {"status": 200, "length": size, "sha256": httpserver.payload_sha256(size)}
+    stats = early_stats(bed)
+    assert stats["pipelined"] >= 1 and stats["reset"] == 0, stats
