@@ -26,7 +26,7 @@ from tests.unit.test_engine import (
 )
 from tun2socks.engine import Collaborators, Engine
 from tun2socks.net.events import FlowRequested
-from tun2socks.net.tcp import ACK, RST, SYN
+from tun2socks.net.tcp import ACK, RST, SYN, TcpSegment
 from tun2socks.outbound.dialer import FIRST_DATA_OFFER, PendingConnect
 from tun2socks.outbound.known_destinations import KnownDestinations
 from tun2socks.outbound.socks5_wire import ReplyCode, build_reply
@@ -86,8 +86,6 @@ async def early_flow(
 
 
 def send_request(device: RecordingDevice, seq: int) -> None:
-    from tun2socks.net.tcp import TcpSegment
-
     syn_ack = TcpSegment(80, 40001, seq, 1001, SYN | ACK, 65535)
     assert device.on_packets is not None
     device.on_packets([(client_segment(syn_ack, REQUEST, 40001), False)])
