@@ -254,7 +254,7 @@ def git_commit() -> str | None:
 
 
 def publish(run: dict[str, Any], args: argparse.Namespace) -> None:
-    verdicts = targets.evaluate(run["labels"])
+    verdicts = targets.evaluate(run["labels"], early_accept=bool(run.get("early_accept")))
     run["verdicts"] = [
         {"row": v.row, "measurement": v.measurement, "met": v.met, "ratio": v.ratio}
         for v in verdicts

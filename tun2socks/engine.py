@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,9 +31,16 @@ from tun2socks.net.events import (
     IPAddress,
     SendSpaceAvailable,
 )
-from tun2socks.outbound.dialer import Dialer, DialError
+from tun2socks.outbound.dialer import (
+    FIRST_DATA_OFFER,
+    Dialer,
+    DialError,
+    FirstDataOffer,
+    PendingConnect,
+)
 from tun2socks.outbound.known_destinations import KnownDestinations
-from tun2socks.outbound.socks5 import Socks5Error
+from tun2socks.outbound.socks5 import Socks5Error, Socks5SessionLost
+from tun2socks.pending_connect import ReplyWaiter
 from tun2socks.relay import Relay
 
 if TYPE_CHECKING:
@@ -235,28 +243,36 @@ class Engine:
         self.relays[flow.flow_id] = relay
         relay.connect_task = self.loop.create_task(self._connect(relay))
 
-    async def _connect(self, relay: Relay) -> None:
+    async def _connect(self, relay: Relay, redial: bool = False) -> None:
         flow = relay.flow
         known = self._known
         destination = (flow.dst, flow.dst_port)
         # A destination that connected moments ago (opt-in): SYN-ACK at once, dial meanwhile;
-        # the client's first data waits in the stack's receive buffer. Any other keeps the
-        # SYN-ACK-after-connect rule, so that a refusal is a clean RST.
-        early = known is not None and known.is_known(destination, self.loop.time())
-        if early:
+        # the client's first data waits in the stack's receive buffer, or, on a ready pooled
+        # session of a proxy that takes pipelined messages, goes right behind the CONNECT
+        # (`offer`: dialer.py, pending_connect.py). Any other keeps the SYN-ACK-after-connect
+        # rule, so that a refusal is a clean RST. `redial`: an early flow dialed again.
+        early = redial or (known is not None and known.is_known(destination, self.loop.time()))
+        offer = None
+        if early and not redial:
             assert known is not None
             known.counters.accepted += 1
             self.stack.accept(flow.flow_id, self.loop.time())
             self._transmit()
+            offer = FirstDataOffer()
         try:
-            sock = await self._dialer.dial(flow)
+            if offer is None:
+                sock = await self._dialer.dial(flow)
+            else:
+                sock = await self._dial_offering(flow, offer)
         except (Socks5Error, DialError) as exc:
             self._refuse(relay, str(exc), exc.kind, early)
             return
         except (OSError, ValueError) as exc:
             self._refuse(relay, f"cannot connect upstream: {exc}", "connect_failed", early)
             return
-        if known is not None:
+        pending = offer.pending if offer is not None else None
+        if known is not None and pending is None:
             known.connected(destination, self.loop.time())
         if flow.flow_id not in self.relays:  # the client gave up meanwhile
             sock.close()
@@ -268,11 +284,16 @@ class Engine:
             # in the stack's receive buffer (pump_to_upstream does nothing without a transport).
             self.stack.accept(flow.flow_id, self.loop.time())
             self._transmit()
+        protocol: asyncio.Protocol = relay
+        if pending is not None:  # the CONNECT's reply is due: read in front of the relay
+            assert known is not None
+            known.counters.pipelined += 1
+            protocol = ReplyWaiter(self, relay, pending, self.loop)
         try:
-            await self.loop.create_connection(lambda: relay, sock=sock)
+            await self.loop.create_connection(lambda: protocol, sock=sock)
         except OSError as exc:  # not a stream socket: a bug of a dialer, never seen
             sock.close()
-            self._refuse(relay, f"upstream socket failed: {exc}", "socket_failed")
+            self._refuse(relay, f"upstream socket failed: {exc}", "socket_failed", early)
             return
         if relay.finished:  # reset while the transport was made
             relay.close_transport()
@@ -281,6 +302,45 @@ class Engine:
             log.debug("%s: connected through %s", relay.describe(), self.proxy_address)
         relay.pump_to_upstream()  # the client's data sent meanwhile (or from the SYN cache)
         self._transmit()
+
+    async def _dial_offering(self, flow: FlowRequested, offer: FirstDataOffer) -> socket.socket:
+        """The dial of an early-accepted flow, which may answer with a pooled session whose
+        CONNECT reply is still due (`offer.pending`). The offer is withdrawn as soon as the
+        dial returns: callbacks scheduled from here on (flushes that open new flows, the
+        transport's) inherit this task's context, and no other dial may see it."""
+        token = FIRST_DATA_OFFER.set(offer)
+        try:
+            return await self._dialer.dial(flow)
+        finally:
+            FIRST_DATA_OFFER.reset(token)
+
+    def reply_arrived(self, relay: Relay) -> None:
+        """A pipelined flow's CONNECT succeeded (pending_connect.py); its upstream is the
+        relay's from now on."""
+        known = self._known
+        assert known is not None
+        flow = relay.flow
+        known.connected((flow.dst, flow.dst_port), self.loop.time())
+        if relay.bytes_up:  # the client's data indeed left before the reply
+            known.counters.pipelined_first_data += 1
+
+    def reply_failed(self, relay: Relay, pending: PendingConnect, error: Socks5Error) -> None:
+        """A pipelined flow got no connection. A session that was dead (no reply byte at all)
+        is dialed afresh when none of the client's data went out on it, unseen by the client;
+        otherwise, as after any early SYN-ACK, the flow is reset: the data may have reached
+        the proxy, and sending it again could deliver it twice."""
+        if isinstance(error, Socks5SessionLost) and not relay.bytes_up:
+            assert self._known is not None
+            self._known.counters.pipelined_redialed += 1
+            pending.session_lost()
+            relay.forget_transport()
+            relay.connect_task = self.loop.create_task(self._connect(relay, redial=True))
+            return
+        relay.close_transport()
+        reason = str(error)
+        if isinstance(error, Socks5SessionLost):
+            reason += "; the client's first data had gone out on it"
+        self._refuse(relay, reason, error.kind, early=True)
 
     def _refuse(self, relay: Relay, reason: str, kind: str, early: bool = False) -> None:
         """The upstream could not be opened: one log line, RST to the client (a reset of the

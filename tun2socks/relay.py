@@ -175,6 +175,13 @@ class Relay(asyncio.Protocol):
         """The flow is over (ended, reset or refused): the engine no longer holds it."""
         return self._finished
 
+    def forget_transport(self) -> None:
+        """The upstream was a dead session (pending_connect.py) on which none of the client's
+        data went: the flow is dialed again, and the next transport starts afresh."""
+        self.transport = None
+        self._upstream_paused = False
+        self._eof_sent = False
+
     def close_transport(self) -> None:
         """Drop an upstream transport made after the flow was over."""
         if self.transport is not None:

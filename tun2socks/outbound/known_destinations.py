@@ -25,6 +25,13 @@ DEFAULT_CAPACITY = 4096
 class EarlyAcceptCounters:
     accepted: int = 0  # flows answered with SYN-ACK before their upstream was connected
     reset: int = 0  # of those, flows reset because the dial failed afterwards
+    # Of those, flows whose CONNECT went on a ready pooled session without waiting for its
+    # reply (engine: pending_connect.py), and of these the ones whose client data indeed left
+    # before the reply came; and the ones whose session was found dead before any client
+    # data was sent, dialed afresh unseen.
+    pipelined: int = 0
+    pipelined_first_data: int = 0
+    pipelined_redialed: int = 0
 
 
 @dataclass

@@ -107,6 +107,18 @@ def test_each_target_can_be_missed(label: str, key: str, metrics: Any, missed: s
     assert sum(v.met is False for v in verdicts.values()) == 1
 
 
+def test_an_early_accept_run_judges_the_20_ms_row_by_the_stretch() -> None:
+    results = _results()  # 45 ms against 65: met as the plain row, not as the stretch
+    plain = _by_key(results)["latency_remote"]
+    stretch = {v.measurement: v for v in targets.evaluate(results, early_accept=True)}
+    assert plain.met is True and stretch["latency_remote"].met is False
+    assert "stretch" in stretch["latency_remote"].row
+    assert stretch["latency_remote"].target.startswith("<= 0.40x")
+    results[LABEL_TUN]["latency_remote"] = {"p50_ms": 25.0, "fail": 0}  # 0.38x
+    met = {v.measurement: v for v in targets.evaluate(results, early_accept=True)}
+    assert met["latency_remote"].met is True
+
+
 def test_memory_targets() -> None:
     results = _results()
     results[LABEL_TUN]["memory"].update(rss_idle_bytes=61_000_000, per_conn_bytes=16 * 1024)

@@ -66,7 +66,14 @@ def test_stats_show_the_size_and_the_counters() -> None:
     table.connected(WEB, 0.0)
     table.counters.accepted += 2
     table.counters.reset += 1
-    assert table.stats() == {"known": 1, "accepted": 2, "reset": 1}
+    assert table.stats() == {
+        "known": 1,
+        "accepted": 2,
+        "reset": 1,
+        "pipelined": 0,
+        "pipelined_first_data": 0,
+        "pipelined_redialed": 0,
+    }
 
 
 @pytest.mark.parametrize(("ttl", "capacity"), [(0.0, 10), (-1.0, 10), (60.0, 0)])
