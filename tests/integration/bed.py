@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,27 +291,40 @@ class Bed:
         if self.iperf:
             self._start_server("iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
             ports.add(IPERF_PORT)
-        self._wait_listening(ports)
+        self.wait_listening(ports)
 
     def start_server(self, name: str, args: Sequence[str], *, tcp_ports: Sequence[int]) -> None:
         """Start one more server in the server namespace (unless it runs); wait for its ports."""
         if not any(n == name and proc.poll() is None for n, proc in self._servers):
             self._start_server(name, args)
-            self._wait_listening(set(tcp_ports), only=name)
+            self.wait_listening(tcp_ports, watch=[s for s in self._servers if s[0] == name])
 
-    def _wait_listening(self, ports: set[int], only: str | None = None) -> None:
+    def wait_listening(
+        self,
+        ports: Iterable[int],
+        udp_ports: Iterable[int] = (),
+        watch: Sequence[tuple[str, subprocess.Popen[bytes]]] | None = None,
+    ) -> None:
+        """Wait until the server namespace listens on the TCP `ports` and the `udp_ports`; fail at
+        once when a process of `watch` (by default the bed's own servers) has exited."""
+        waiting = {"-Hltn": set(ports), "-Hlun": set(udp_ports)}
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
-            for name, proc in self._servers:
-                if only in (None, name) and proc.poll() is not None:
+            for name, proc in self._servers if watch is None else watch:
+                if proc.poll() is not None:
                     raise BedError(f"{name} exited with {proc.returncode}: {self._log_tail(name)}")
-            listening = self.run_srv(["ss", "-Hltn"], timeout=10).stdout
-            open_ports = {int(m) for m in re.findall(r":(\d+)\s", listening)}
-            if ports <= open_ports:
+            for flags, left in waiting.items():
+                left -= self.listening_ports(flags) if left else set()
+            if not any(waiting.values()):
                 return
             if time.monotonic() > deadline:
-                raise BedError(f"servers not listening on {sorted(ports - open_ports)}")
+                raise BedError(f"servers not listening on {sorted(set().union(*waiting.values()))}")
             time.sleep(0.1)
+
+    def listening_ports(self, ss_flags: str = "-Hltn") -> set[int]:
+        """The ports anything listens on in the server namespace (TCP; "-Hlun": UDP)."""
+        listening = self.run_srv(["ss", ss_flags], timeout=10).stdout
+        return {int(m) for m in re.findall(r":(\d+)\s", listening)}
 
     def _log_tail(self, name: str) -> str:
         try:
@@ -342,17 +355,8 @@ class Bed:
         if iperf and "iperf3" not in running:
             self._start_server("iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
             tcp_ports.add(IPERF_PORT)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while tcp_ports or udp_ports:
-            for name, proc in self._servers:
-                if proc.poll() is not None:
-                    raise BedError(f"{name} exited with {proc.returncode}: {self._log_tail(name)}")
-            for waiting, flags in ((tcp_ports, "-Hltn"), (udp_ports, "-Hlun")):
-                listening = self.run_srv(["ss", flags], timeout=10).stdout
-                waiting -= {int(m) for m in re.findall(r":(\d+)\s", listening)}
-            if time.monotonic() > deadline:
-                raise BedError(f"servers not listening on {sorted(tcp_ports | udp_ports)}")
-            time.sleep(0.1)
+        if tcp_ports or udp_ports:
+            self.wait_listening(tcp_ports, udp_ports)
 
     # -- DNS (dns=True) ----------------------------------------------------------------------
 

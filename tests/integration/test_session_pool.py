@@ -8,19 +8,17 @@ that opens nothing while no flows are made, nor for a proxy nearer than
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Coroutine, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration import apiclient, httpserver
 from tests.integration import bed as bedlib
+from tests.integration.failoverprocs import Danted
 from tun2socks.outbound.dialer import Socks5Dialer
 from tun2socks.outbound.pool_policy import PoolPolicy
 from tun2socks.outbound.session_pool import SessionPool
@@ -45,72 +43,6 @@ ALWAYS = {"min_round_trip": 0.0}
 AUTH_FAILURE = re.compile(r"(?i)(auth|password|credential).*(fail|reject|denied|invalid|wrong|bad)")
 
 
-class Danted:
-    """A danted of this module in the server namespace, which the test may SIGKILL."""
-
-    def __init__(self, bed: bedlib.Bed, port: int, *, negotiate_s: int = 10) -> None:
-        self.bed, self.port = bed, port
-        self.conf = bed.workdir / f"danted-pool-{port}.conf"
-        self.conf.write_text(
-            f"""logoutput: {bed.workdir / f"danted-pool-{port}.out"}
-internal: {bedlib.SRV_VETH_IP} port = {port}
-external: lo
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-timeout.negotiate: {negotiate_s}
-client pass {{ from: 198.18.0.0/15 to: 0/0 }}
-socks pass {{ from: 0/0 to: 198.19.0.0/16 command: connect }}
-socks block {{ from: 0/0 to: 0/0 log: connect error }}
-"""
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"socks5://{bedlib.SRV_VETH_IP}:{self.port}"
-
-    def start(self) -> None:
-        danted = bedlib.which("danted") or "danted"
-        pid_file = self.bed.workdir / f"danted-pool-{self.port}.pid"
-        args = ["ip", "netns", "exec", self.bed.srv_ns, danted, "-f", str(self.conf)]
-        self.proc = subprocess.Popen(
-            [*args, "-p", str(pid_file), "-N", "2"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + bedlib.READY_TIMEOUT_S
-        while not self._listening():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "danted not up"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL to danted and its children at once: no orderly goodbye to any session."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for pid in _process_tree(self.proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        self.proc.wait(10)
-        # Its workers die a moment later: until the listener is gone, start() would see it.
-        deadline = time.monotonic() + 10.0
-        while self._listening() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _listening(self) -> bool:
-        listening = f"{bedlib.SRV_VETH_IP}:{self.port} "
-        return listening in self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout
-
-
-def _process_tree(pid: int) -> list[int]:
-    tree = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            tree += _process_tree(int(child))
-    return tree
-
-
 @pytest.fixture
 def danted_factory(bed: bedlib.Bed) -> Iterator[Any]:
     started: list[Danted] = []
@@ -123,7 +55,7 @@ def danted_factory(bed: bedlib.Bed) -> Iterator[Any]:
 
     yield start
     for server in started:
-        server.kill()
+        server.stop()
 
 
 def get_small(bed: bedlib.Bed) -> subprocess.CompletedProcess[str]:
