@@ -237,34 +237,17 @@ def established(client: Client | None = None, **options: Any) -> Client:
 
 def close_wait(client: Client | None = None, **options: Any) -> Client:
     """The client sent FIN and the stack ACKed it."""
-    c = established(client, **options)
-    c.send_fin()
-    check(c.output_one(), flags=ACK, ack=c.snd_nxt)
-    c.events()
-    assert c.state is TcpState.CLOSE_WAIT
-    return c
+    return _client_fin_acked(established(client, **options), TcpState.CLOSE_WAIT)
 
 
 def last_ack(client: Client | None = None, **options: Any) -> Client:
     """CLOSE-WAIT, then `shutdown`: the client has our FIN but has not ACKed it."""
-    c = close_wait(client, **options)
-    c.stack.shutdown(c.flow_id)
-    fin = c.output_one()
-    check(fin, flags=FIN | ACK, seq=c.rcv_nxt)
-    c.absorb([fin])
-    assert c.state is TcpState.LAST_ACK
-    return c
+    return _our_fin_unacked(close_wait(client, **options), TcpState.LAST_ACK)
 
 
 def fin_wait_1(client: Client | None = None, **options: Any) -> Client:
     """`shutdown` in ESTABLISHED: the client has our FIN but has not ACKed it."""
-    c = established(client, **options)
-    c.stack.shutdown(c.flow_id)
-    fin = c.output_one()
-    check(fin, flags=FIN | ACK, seq=c.rcv_nxt)
-    c.absorb([fin])
-    assert c.state is TcpState.FIN_WAIT_1
-    return c
+    return _our_fin_unacked(established(client, **options), TcpState.FIN_WAIT_1)
 
 
 def fin_wait_2(client: Client | None = None, **options: Any) -> Client:
@@ -277,9 +260,23 @@ def fin_wait_2(client: Client | None = None, **options: Any) -> Client:
 
 def time_wait(client: Client | None = None, **options: Any) -> Client:
     """FIN-WAIT-2, then the client's FIN: ACKed, both directions closed."""
-    c = fin_wait_2(client, **options)
+    return _client_fin_acked(fin_wait_2(client, **options), TcpState.TIME_WAIT)
+
+
+def _client_fin_acked(c: Client, then: TcpState) -> Client:
+    """The client sends FIN; the stack ACKs it and is in `then`."""
     c.send_fin()
     check(c.output_one(), flags=ACK, ack=c.snd_nxt)
     c.events()
-    assert c.state is TcpState.TIME_WAIT
+    assert c.state is then
+    return c
+
+
+def _our_fin_unacked(c: Client, then: TcpState) -> Client:
+    """`shutdown`: the stack sends FIN, which the client takes but does not ACK; in `then`."""
+    c.stack.shutdown(c.flow_id)
+    fin = c.output_one()
+    check(fin, flags=FIN | ACK, seq=c.rcv_nxt)
+    c.absorb([fin])
+    assert c.state is then
     return c
