@@ -2,7 +2,8 @@
 
 tshark runs in the client namespace on the veth (its only way out besides the TUN) and prints
 one line per frame. Marker datagrams to the proxy's address, port 9, tell when the capture
-runs and when it has seen everything sent before (the same trick as test_dns.py).
+runs and when it has seen everything sent before. test_dns.py's capture of port 53 is the same,
+with a capture filter.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ FIELDS = (
     "udp.dstport",
     "tcp.dstport",
     "icmpv6.type",
+    "udp.srcport",
+    "tcp.srcport",
 )
 # The link's own IPv6 control plane, sent by the kernel whatever the routes say and never
 # routed beyond the link (RFC 4861 router and neighbour discovery, RFC 3810 MLD reports):
@@ -40,6 +43,7 @@ class Packet:
     dst: str
     dst_port: str
     icmpv6_type: str = ""
+    src_port: str = ""
 
     @property
     def is_marker(self) -> bool:
@@ -58,6 +62,7 @@ def parse(line: str) -> Packet:
         dst=ip_dst or ip6_dst or arp_dst,
         dst_port=udp_port or tcp_port,
         icmpv6_type=cells[9],
+        src_port=cells[10] or cells[11],
     )
 
 
@@ -79,10 +84,20 @@ def leaks(packets: list[Packet], proxy: str, local: str) -> list[Packet]:
 
 
 class UplinkCapture:
-    def __init__(self, bed: bedlib.Bed, interface: str = bedlib.CLI_VETH) -> None:
+    """tshark on `interface` of the client namespace; `capture_filter` (BPF) narrows what it sees
+    and must let the markers (UDP to port 9) through."""
+
+    def __init__(
+        self,
+        bed: bedlib.Bed,
+        interface: str = bedlib.CLI_VETH,
+        capture_filter: str | None = None,
+    ) -> None:
         self.bed = bed
         self.lines: list[str] = []
         args = ["tshark", "-n", "-l", "-i", interface, "-T", "fields", "-E", "separator=|"]
+        if capture_filter is not None:
+            args += ["-f", capture_filter]
         for field in FIELDS:
             args += ["-e", field]
         self.proc = subprocess.Popen(

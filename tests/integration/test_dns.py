@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import textwrap
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.integration import bed as bedlib
-from tests.integration import dnsbed
+from tests.integration import dnsbed, leakcapture
 
 pytestmark = [
     pytest.mark.integration,
@@ -388,64 +387,11 @@ def test_static_hosts_and_malformed_queries(dns_bed: bedlib.Bed, start: Start) -
 # --- no leak -------------------------------------------------------------------------------------
 
 
-class Capture:
-    """tshark on the client namespace's veth (its only way out besides the TUN): the ports of
-    each UDP or TCP packet on port 53. Marker datagrams to port 9 on the veth tell when the
-    capture runs and when it has seen everything sent before."""
-
-    MARKER_PORT = 9
-
-    def __init__(self, bed: bedlib.Bed) -> None:
-        self.bed = bed
-        self.lines: list[str] = []
-        fields = ["-T", "fields", "-e", "udp.port", "-e", "tcp.port"]
-        bpf = f"port 53 or udp port {self.MARKER_PORT}"
-        self.proc = subprocess.Popen(
-            [*bed.cli_prefix(), "tshark", "-n", "-l", "-i", bedlib.CLI_VETH, "-f", bpf, *fields],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.mark()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def _ports(self) -> list[list[int]]:
-        return [[int(p) for p in re.findall(r"\d+", line)] for line in list(self.lines)]
-
-    def mark(self) -> None:
-        """Send markers until the capture shows one more than before."""
-        seen = sum(self.MARKER_PORT in ports for ports in self._ports())
-        send = (
-            "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
-            f".sendto(b'mark', ('{bedlib.SRV_VETH_IP}', {self.MARKER_PORT}))"
-        )
-        deadline = time.monotonic() + 30
-        while sum(self.MARKER_PORT in ports for ports in self._ports()) == seen:
-            assert self.proc.poll() is None and time.monotonic() < deadline, "tshark not capturing"
-            self.bed.run_cli(["python3", "-c", send], timeout=10, check=True)
-            time.sleep(0.3)
-
-    def dns_packets(self) -> list[list[int]]:
-        """Stop; the packets to or from port 53 seen."""
-        self.mark()
-        self.stop()
-        return [ports for ports in self._ports() if self.MARKER_PORT not in ports]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def dns_capture(bed: bedlib.Bed) -> leakcapture.UplinkCapture:
+    """tshark on the client namespace's veth (its only way out besides the TUN): each UDP or TCP
+    packet to or from port 53 (and the capture's markers, which finish() leaves out)."""
+    bpf = f"port 53 or udp port {leakcapture.MARKER_PORT}"
+    return leakcapture.UplinkCapture(bed, capture_filter=bpf)
 
 
 def test_no_query_leaves_the_client_namespace_except_through_the_proxy(
@@ -453,22 +399,22 @@ def test_no_query_leaves_the_client_namespace_except_through_the_proxy(
 ) -> None:
     start(mode="fake-ip", upstreams=[UPSTREAM])
     sources_before = len(dnsbed.logged_queries(dns_bed.dns_log_text()))
-    capture = Capture(dns_bed)
+    capture = dns_capture(dns_bed)
     try:
         for server in (RESOLVER, bedlib.TARGET_IP, NOWHERE6):
             for transport in ("+notcp", "+tcp"):
                 for qtype in ("A", "AAAA", "TXT"):
                     assert answers(dig(dns_bed, transport, dnsbed.ZONE_NAME, qtype, server=server))
         assert curl(dns_bed).stdout == SMALL_BODY
-        assert capture.dns_packets() == []
+        assert capture.finish() == []
     finally:
         capture.stop()
     # The control: a query sent around the TUN shows in the same kind of capture.
-    control = Capture(dns_bed)
+    control = dns_capture(dns_bed)
     try:
         assert answers(dig(dns_bed, dnsbed.ZONE_NAME, server=bedlib.SRV_VETH_IP))
-        packets = control.dns_packets()
-        assert len(packets) == 2 and all(53 in ports for ports in packets)  # query, answer
+        packets = control.finish()
+        assert len(packets) == 2 and all("53" in (p.src_port, p.dst_port) for p in packets), packets
     finally:
         control.stop()
     sources = {q.source for q in dnsbed.logged_queries(dns_bed.dns_log_text())[sources_before:]}
