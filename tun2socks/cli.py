@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tun2socks import __version__, logs
 from tun2socks.commands import check, down, exec_command, status
+from tun2socks.commands.settings_options import add_settings_options
 from tun2socks.config import ConfigError, Settings, exposure, load_settings
 from tun2socks.errors import UserError
 
@@ -44,28 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "warns at once when the proxy does not answer.",
         epilog="Precedence: defaults < -c FILE < --set < --device/--proxy/--log-level.",
     )
-    run.add_argument("-c", "--config", metavar="FILE", help="YAML settings file")
-    run.add_argument(
-        "--device", metavar="NAME", help="TUN device name, or fd://N from a parent (tun.name)"
-    )
-    run.add_argument(
-        "--proxy",
-        metavar="URL",
-        help="socks5:// or http://[user[:pass]@]host:port (proxy.url); ${VAR} from the environment",
-    )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="set one key, e.g. --set tun.mtu=9000 (repeatable)",
-    )
-    run.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=("debug", "info", "warning", "error"),
-        help="log.level",
+    add_settings_options(
+        run,
+        device_help="TUN device name, or fd://N from a parent (tun.name)",
+        proxy_help="socks5:// or http://[user[:pass]@]host:port (proxy.url); "
+        "${VAR} from the environment",
+        set_help="set one key, e.g. --set tun.mtu=9000 (repeatable)",
+        log_level_help="log.level",
     )
     run.add_argument(
         "--pcap", metavar="FILE", help="capture every TUN packet into FILE (api.pcap.file)"

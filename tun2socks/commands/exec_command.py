@@ -35,6 +35,7 @@ from typing import Any
 
 from tun2socks import logs
 from tun2socks.commands import exec_child
+from tun2socks.commands.settings_options import add_settings_options
 from tun2socks.config import ConfigError, Settings, load_settings
 from tun2socks.host.resolver import dns_servers
 
@@ -79,25 +80,11 @@ def add_parser(commands: Any) -> None:
         epilog="The exit status is COMMAND's (125: the namespace could not be set up). The "
         "control API is off unless --set api.enabled=true.",
     )
-    parser.add_argument("-c", "--config", metavar="FILE", help="YAML settings file")
-    parser.add_argument(
-        "--proxy",
-        metavar="URL",
-        help="socks5:// or http://[user[:pass]@]host:port, or direct:// (proxy.url)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="set one key, as for run (repeatable)",
-    )
-    parser.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=("debug", "info", "warning", "error"),
-        help="log.level (default warning without -c)",
+    add_settings_options(
+        parser,
+        proxy_help="socks5:// or http://[user[:pass]@]host:port, or direct:// (proxy.url)",
+        set_help="set one key, as for run (repeatable)",
+        log_level_help="log.level (default warning without -c)",
     )
     parser.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]", help="what to run"
