@@ -9,6 +9,7 @@ the forwarder and the proxy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -65,11 +66,16 @@ def exec_argv(bed: bedlib.Bed, workdir: Path, command: Sequence[str], *extra: st
     return [*bed.cli_prefix(), *inner]
 
 
+def make_tmpdir(workdir: Path) -> None:
+    """exec's TMPDIR, which nobody may write into (sticky, as /tmp)."""
+    (workdir / "tmp").mkdir(mode=0o777, exist_ok=True)
+    (workdir / "tmp").chmod(0o1777)
+
+
 def run_exec(
     bed: bedlib.Bed, workdir: Path, command: Sequence[str], *extra: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    (workdir / "tmp").mkdir(mode=0o777, exist_ok=True)
-    (workdir / "tmp").chmod(0o1777)
+    make_tmpdir(workdir)
     return subprocess.run(
         exec_argv(bed, workdir, command, *extra),
         capture_output=True,
@@ -78,6 +84,33 @@ def run_exec(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+@contextlib.contextmanager
+def exec_until(
+    bed: bedlib.Bed, workdir: Path, command: Sequence[str], *extra: str, marker: Path, what: str
+) -> Iterator[subprocess.Popen[str]]:
+    """`tun2socks exec` of `command` in the background, yielded once COMMAND made `marker`
+    (else fails, saying COMMAND did not `what`); killed on the way out if it still runs."""
+    make_tmpdir(workdir)
+    process = subprocess.Popen(
+        exec_argv(bed, workdir, command, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"COMMAND did not {what}"
+            time.sleep(0.05)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
 
 
 def status_fields(text: str) -> dict[str, str]:
@@ -190,28 +223,11 @@ def test_signals_are_forwarded_and_nothing_is_left_behind(
         f"trap 'echo got TERM; exit 42' TERM; readlink /proc/self/ns/net /proc/self/ns/user; "
         f"touch {marker}; sleep 30 & wait"
     )
-    (workdir / "tmp").mkdir(mode=0o777, exist_ok=True)
-    (workdir / "tmp").chmod(0o1777)
-    process = subprocess.Popen(
-        exec_argv(exec_bed, workdir, ["sh", "-c", script]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "COMMAND did not start"
-            time.sleep(0.05)
+    command = ["sh", "-c", script]
+    with exec_until(exec_bed, workdir, command, marker=marker, what="start") as process:
         exec_pid = _exec_process(process.pid)
         os.kill(exec_pid, signal.SIGTERM)
         out, err = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=10)
     assert process.returncode == 42, out + err
     assert "got TERM" in out
     namespaces = [line for line in out.splitlines() if line.startswith(("net:", "user:"))]
@@ -233,31 +249,14 @@ def test_the_api_answers_when_asked_for(exec_bed: bedlib.Bed, workdir: Path) -> 
         f"curl -sS --max-time 10 -o /dev/null http://{TARGET}/small && touch {marker}; sleep 30"
     )
     api = ["--set", "api.enabled=true", "--set", "api.listen=127.0.0.1:9199"]
-    (workdir / "tmp").mkdir(mode=0o777, exist_ok=True)
-    (workdir / "tmp").chmod(0o1777)
-    process = subprocess.Popen(
-        exec_argv(exec_bed, workdir, ["sh", "-c", script], *api),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "COMMAND did not fetch"
-            time.sleep(0.05)
+    command = ["sh", "-c", script]
+    with exec_until(exec_bed, workdir, command, *api, marker=marker, what="fetch") as process:
         get = ["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9199/stats"]
         stats = json.loads(exec_bed.run_cli(get, timeout=20).stdout)
         assert stats["flows"]["total"] >= 1, stats
         assert stats["relayed"]["bytes_down"] > 0, stats
         os.kill(_exec_process(process.pid), signal.SIGTERM)
         process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=10)
     assert process.returncode == 128 + signal.SIGTERM
 
 
@@ -307,7 +306,7 @@ def _descendants(pid: int) -> list[int]:
 def test_tun_device_closed_to_the_user_is_one_clear_line(
     exec_bed: bedlib.Bed, workdir: Path
 ) -> None:
-    (workdir / "tmp").mkdir(mode=0o777, exist_ok=True)
+    make_tmpdir(workdir)
     command = [*bedlib.tun2socks_command(), "exec", "--proxy", exec_bed.proxy_url(), "--", "true"]
     argv = unprivileged.as_nobody(workdir, command, tun_mode="0600")
     proc = subprocess.run(
