@@ -14,25 +14,36 @@ import logging
 import resource
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tun2socks.device import TunDevice
-from tun2socks.engine import Collaborators, DatagramHandler, DatagramPort, Engine, StatsSource
+from tun2socks.engine import (
+    Collaborators,
+    DatagramHandler,
+    DatagramPort,
+    DomainLookup,
+    Engine,
+    StatsSource,
+)
 from tun2socks.engine import no_domain as no_domain_lookup
 from tun2socks.host import privileges, routes, uplink
+from tun2socks.host.uplink import DefaultInterface
 from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.observe import api, startup
 from tun2socks.outbound import direct, routing
-from tun2socks.outbound.dialer import Dialer
+from tun2socks.outbound.dialer import Dialer, Socks5Dialer
 from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.outbound.known_destinations import KnownDestinations
 from tun2socks.outbound.reachability import ProxyProber
 from tun2socks.outbound.session_pool import SessionPools
+from tun2socks.outbound.socks5 import SocketHook
 from tun2socks.path_watch import PathWatch
 from tun2socks.udp_relay import UdpRelay
 from tun2socks_dns import install as dns_parts
 from tun2socks_dns.fakeip_store import store_path
+from tun2socks_dns.install import DnsParts
 
 if TYPE_CHECKING:
     from tun2socks.config import Settings
@@ -62,63 +73,122 @@ def stack_config(settings: Settings, device: TunDevice) -> StackConfig:
 Watch = Callable[[asyncio.AbstractEventLoop, asyncio.Event], None]
 
 
-async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = None) -> int:
-    loop = asyncio.get_running_loop()
-    stack = Stack(stack_config(settings, device))
-    port = DatagramPort(stack, loop)
-    # Keeps an outbound socket out of the TUN (route.mark / route.bind_interface), or None;
-    # with bind_interface "auto", to the default route's interface at each socket.
+@dataclass(frozen=True)
+class Proxies:
+    """The proxies' dialers and what they share: `protect`, the hook that keeps an outbound
+    socket out of the TUN (route.mark / route.bind_interface), or None, following `uplink` with
+    bind_interface "auto"; and the logged-in sessions kept ready, with the pipelining probe, per
+    SOCKS5 proxy. `default` is the default proxy's dialer; with several URLs a FailoverDialer,
+    whose `proxy` is the proxy in use now (DNS upstreams and UDP associations follow it)."""
+
+    protect: SocketHook | None
+    uplink: DefaultInterface | None
+    sessions: SessionPools
+    default: Socks5Dialer
+    named: dict[str, Socks5Dialer]
+
+    @property
+    def failovers(self) -> dict[str, FailoverDialer]:
+        dialers = [("default", self.default), *self.named.items()]
+        return {name: d for name, d in dialers if isinstance(d, FailoverDialer)}
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What `_serve` starts and `close_parts` closes."""
+
+    paths: PathWatch
+    prober: ProxyProber | None
+    engine: Engine
+    udp_relay: UdpRelay
+    proxies: Proxies
+    dns: DnsParts | None
+
+
+async def build_proxies(settings: Settings, device: TunDevice) -> Proxies:
     # (pyroute2's synchronous API runs a loop of its own: not on this one's thread)
     default_interface = await asyncio.to_thread(
         uplink.follower, settings.route.bind_interface, device.name
     )
     current = default_interface.name if default_interface is not None else None
     protect = direct.protector(settings.route.mark, settings.route.bind_interface, current)
-    # Logged-in sessions kept ready and the pipelining probe, per SOCKS5 proxy.
     sessions = SessionPools()
-    # The default proxy's dialer; with several URLs a FailoverDialer, whose `proxy` is the
-    # proxy in use now (DNS upstreams and UDP associations follow it).
     socks = routing.proxy_dialer(settings.proxy, protect, sessions)
     named = {
         name: routing.proxy_dialer(c, protect, sessions, name)
         for name, c in settings.proxies.items()
     }
-    failovers = {
-        name: dialer
-        for name, dialer in [("default", socks), *named.items()]
-        if isinstance(dialer, FailoverDialer)
-    }
-    resolver = dns_parts.build_resolver(settings.dns) if settings.dns.enabled else None
-    domain_lookup = (
-        dns_parts.domain_lookup(resolver, loop.time) if resolver is not None else no_domain_lookup
-    )
-    rule_dialer = routing.build_dialer(settings, socks, named, protect, domain_lookup)
-    # UDP through SOCKS5 UDP ASSOCIATE (or refused, as udp.when_unsupported says).
-    udp_relay = UdpRelay(
+    return Proxies(protect, default_interface, sessions, socks, named)
+
+
+def build_udp_relay(
+    settings: Settings,
+    proxies: Proxies,
+    port: DatagramPort,
+    loop: asyncio.AbstractEventLoop,
+    rule_dialer: Dialer,
+) -> UdpRelay:
+    """UDP through SOCKS5 UDP ASSOCIATE (or refused, as udp.when_unsupported says)."""
+    socks = proxies.default
+    return UdpRelay(
         settings.udp,
         lambda: socks.proxy,
         port,
         loop,
         timeout=settings.proxy.connect_timeout,
-        prepare_socket=protect,
+        prepare_socket=proxies.protect,
         decide=rule_dialer.decide if isinstance(rule_dialer, routing.RuleDialer) else None,
     )
-    dialer: Dialer = rule_dialer
-    udp: DatagramHandler = udp_relay
-    udp_by_port: dict[int, DatagramHandler] = {}
+
+
+def build_prober(
+    settings: Settings, proxies: Proxies, announce: logging.Logger
+) -> ProxyProber | None:
+    """A failover list has probes of its own (FailoverDialer); a single proxy gets this one;
+    direct:// has none to probe."""
+    socks = proxies.default
+    if isinstance(socks, FailoverDialer) or socks.proxy.scheme == "direct":
+        return None
+    label = settings.proxy.redacted_url
+    return ProxyProber(socks.proxy, label, prepare_socket=proxies.protect, log=announce)
+
+
+def build_stats_sources(
+    stack: Stack,
+    proxies: Proxies,
+    udp_relay: UdpRelay,
+    prober: ProxyProber | None,
+    dns: DnsParts | None,
+) -> dict[str, StatsSource]:
+    """Each component's counters, by the name the API and the metrics give them."""
     stats: dict[str, StatsSource] = {"udp": udp_relay.stats, "ip": stack.ip_stats}
-    stats.update({f"proxy_{name}": failover.stats for name, failover in failovers.items()})
-    stats.update(sessions.stats_sources())
-    # The start-up summary and the proxy's comings and goings show at the default log level;
-    # `exec` (a watch) keeps its command's output clean and says them at info only.
-    announce = log if watch is not None else logging.getLogger(startup.SUMMARY_LOGGER)
-    # A failover list has probes of its own (FailoverDialer); a single proxy gets this one;
-    # direct:// has none to probe.
-    prober = None
-    if not isinstance(socks, FailoverDialer) and socks.proxy.scheme != "direct":
-        label = settings.proxy.redacted_url
-        prober = ProxyProber(socks.proxy, label, prepare_socket=protect, log=announce)
+    stats.update({f"proxy_{name}": f.stats for name, f in proxies.failovers.items()})
+    stats.update(proxies.sessions.stats_sources())
+    if prober is not None:
         stats["proxy_reachability"] = prober.stats
+    if dns is not None:
+        stats["dns"] = dns.stats
+    return stats
+
+
+async def build_parts(
+    settings: Settings,
+    device: TunDevice,
+    loop: asyncio.AbstractEventLoop,
+    announce: logging.Logger,
+) -> Parts:
+    """Everything the engine needs, and the engine: in the order one part needs another."""
+    stack = Stack(stack_config(settings, device))
+    port = DatagramPort(stack, loop)
+    proxies = await build_proxies(settings, device)
+    resolver = dns_parts.build_resolver(settings.dns) if settings.dns.enabled else None
+    domain_lookup = (
+        dns_parts.domain_lookup(resolver, loop.time) if resolver is not None else no_domain_lookup
+    )
+    socks, protect = proxies.default, proxies.protect
+    rule_dialer = routing.build_dialer(settings, socks, proxies.named, protect, domain_lookup)
+    udp_relay = build_udp_relay(settings, proxies, port, loop, rule_dialer)
+    prober = build_prober(settings, proxies, announce)
     dns = None
     if resolver is not None:  # before the first packet: UDP/53 and TCP/53 are its from then on
         dns = dns_parts.build(
@@ -131,57 +201,109 @@ async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = No
             mtu=device.mtu,
             fake_store=_fake_store(settings, device.name),
         )
+    stats = build_stats_sources(stack, proxies, udp_relay, prober, dns)
+    collaborators = build_collaborators(
+        settings, proxies, rule_dialer, udp_relay, dns, domain_lookup, stats
+    )
+    engine = Engine(stack, device, loop, port, collaborators)
+    paths = build_path_watch(engine, loop, device, proxies, udp_relay, dns)
+    return Parts(paths, prober, engine, udp_relay, proxies, dns)
+
+
+def build_collaborators(
+    settings: Settings,
+    proxies: Proxies,
+    rule_dialer: Dialer,
+    udp_relay: UdpRelay,
+    dns: DnsParts | None,
+    domain_lookup: DomainLookup,
+    stats: dict[str, StatsSource],
+) -> Collaborators:
+    """The engine's: TCP to the rules' dialer and UDP to the relay, through the DNS parts when
+    DNS is on (they take port 53 and pass the rest on), all behind route.auto's loop guard."""
+    dialer: Dialer = rule_dialer
+    udp: DatagramHandler = udp_relay
+    udp_by_port: dict[int, DatagramHandler] = {}
+    if dns is not None:
         dialer, udp = dns.dialer, dns.udp
         udp_by_port[dns_parts.DNS_PORT] = dns.forwarder
-        stats["dns"] = dns.stats
     dialer = routing.guard_loops(settings, dialer)
     known = None  # proxy.early_accept: SYN-ACK at once to destinations known to connect
     if settings.proxy.early_accept:
         known = KnownDestinations(settings.proxy.early_accept_ttl)
-    parts = Collaborators(
-        dialer, udp, udp_by_port, domain_lookup, stats, socks.proxy.address, known
-    )
-    engine = Engine(stack, device, loop, port, parts)
+    address = proxies.default.proxy.address
+    return Collaborators(dialer, udp, udp_by_port, domain_lookup, stats, address, known)
+
+
+def build_path_watch(
+    engine: Engine,
+    loop: asyncio.AbstractEventLoop,
+    device: TunDevice,
+    proxies: Proxies,
+    udp_relay: UdpRelay,
+    dns: DnsParts | None,
+) -> PathWatch:
+    """Flows whose path went away are reset, not left hanging; shared connections reopened,
+    and the proxy sessions kept ready dropped (they may leave from a link that is gone)."""
+    reopen = [udp_relay.reopen, proxies.sessions.flush]
+    if dns is not None:
+        reopen.append(dns.forwarder.reopen_upstreams)
+    return PathWatch(engine, loop, reopen=reopen, uplink=proxies.uplink, tun_name=device.name)
+
+
+def stop_event(loop: asyncio.AbstractEventLoop, watch: Watch | None) -> asyncio.Event:
+    """The event that ends `_serve`: set by `watch`, else by SIGINT or SIGTERM."""
     stop = asyncio.Event()
     if watch is not None:
         watch(loop, stop)
     else:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def close_parts(parts: Parts) -> None:
+    parts.paths.stop()
+    if parts.prober is not None:
+        await parts.prober.close()
+    parts.engine.close()
+    parts.udp_relay.close()
+    for failover in parts.proxies.failovers.values():
+        await failover.close()
+    await parts.proxies.sessions.close()
+    if parts.dns is not None:
+        await parts.dns.forwarder.close()
+
+
+async def _serve(settings: Settings, device: TunDevice, watch: Watch | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    # The start-up summary and the proxy's comings and goings show at the default log level;
+    # `exec` (a watch) keeps its command's output clean and says them at info only.
+    announce = log if watch is not None else logging.getLogger(startup.SUMMARY_LOGGER)
+    parts = await build_parts(settings, device, loop, announce)
+    stop = stop_event(loop, watch)
     observer = None
-    # Flows whose path went away are reset, not left hanging; shared connections reopened,
-    # and the proxy sessions kept ready dropped (they may leave from a link that is gone).
-    reopen = [udp_relay.reopen, sessions.flush, *([dns.forwarder.reopen_upstreams] if dns else [])]
-    paths = PathWatch(engine, loop, reopen=reopen, uplink=default_interface, tun_name=device.name)
     # What start-up built (modules, config, pydantic models: some 66,000 objects) lives as long
     # as the process: out of the collector's sight, a full collection no longer walks it (29 ms
     # measured), which otherwise lands as a pause on whatever flows are active.
     gc.freeze()
     try:
-        paths.start()
-        engine.start()
-        observer = await api.start(engine, settings)  # the control API and the packet capture
+        parts.paths.start()
+        parts.engine.start()
+        observer = await api.start(parts.engine, settings)  # the control API and the capture
+        prober, proxy = parts.prober, parts.proxies.default.proxy
         probe = await prober.first_probe() if prober is not None else None
-        udp_verdict = await startup.udp_at_start(settings, socks.proxy, probe, protect)
+        udp_verdict = await startup.udp_at_start(settings, proxy, probe, parts.proxies.protect)
         facts = startup.DeviceFacts(device.name, device.mtu, device.offload)
         announce.info("%s", startup.summary(settings, facts, probe, udp_verdict))
         if prober is not None:
             prober.start()
         await stop.wait()
-        log.info("stopping: resetting %d open flows", len(engine.relays))
+        log.info("stopping: resetting %d open flows", len(parts.engine.relays))
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        paths.stop()
-        if prober is not None:
-            await prober.close()
-        engine.close()
-        udp_relay.close()
-        for failover in failovers.values():
-            await failover.close()
-        await sessions.close()
-        if dns is not None:
-            await dns.forwarder.close()
+        await close_parts(parts)
         if observer is not None:
             await observer.close()  # after engine.close(): the capture sees the final RSTs
     return 0
