@@ -3,7 +3,6 @@ exits with its status, whatever the command that raised it."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import types
 from collections.abc import Iterator
@@ -43,7 +42,9 @@ def test_a_configuration_error_exits_2_the_others_1() -> None:
 
 
 @pytest.fixture
-def app_raising(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[UserError]]:
+def app_raising(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> Iterator[list[UserError]]:
     """Stands in for tun2socks.app (it needs root and a TUN): its run raises what is queued."""
     queued: list[UserError] = []
 
@@ -53,11 +54,7 @@ def app_raising(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[UserError]]:
     module = types.ModuleType("tun2socks.app")
     module.run = run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tun2socks.app", module)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     yield queued
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 import json
 import logging
 import re
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,15 +13,7 @@ TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (\w+) ([\w.]+): 
 log = logging.getLogger("tun2socks.test_logs")
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # tests/unit/conftest.py
 
 
 def lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
