@@ -134,15 +134,11 @@ def proxy_flow_steps(flow: list[Segment], port: int) -> dict[str, float]:
         "FIN from the proxy": lambda s: s.fin and s.sport == port,
         "FIN to the proxy": lambda s: s.fin and s.dport == port,
     }
-    for name, test in firsts.items():
-        hit = next((s.time for s in flow if test(s)), None)
-        if hit is not None:
-            steps[name] = hit
+    steps.update(_first_times(flow, firsts))
     return steps
 
 
 def tun_flow_steps(flow: list[Segment], port: int) -> dict[str, float]:
-    steps: dict[str, float] = {}
     synack = next((s.time for s in flow if s.syn and s.ack and s.sport == port), None)
     firsts: dict[str, Callable[[Segment], bool]] = {
         "SYN in (TUN)": lambda s: s.syn and not s.ack and s.dport == port,
@@ -159,11 +155,19 @@ def tun_flow_steps(flow: list[Segment], port: int) -> dict[str, float]:
         "FIN out (TUN)": lambda s: s.fin and s.sport == port,
         "FIN in (TUN)": lambda s: s.fin and s.dport == port,
     }
+    return _first_times(flow, firsts)
+
+
+def _first_times(
+    flow: list[Segment], firsts: dict[str, Callable[[Segment], bool]]
+) -> dict[str, float]:
+    """When each test of `firsts` first matched a segment of `flow` (never: left out)."""
+    times: dict[str, float] = {}
     for name, test in firsts.items():
         hit = next((s.time for s in flow if test(s)), None)
         if hit is not None:
-            steps[name] = hit
-    return steps
+            times[name] = hit
+    return times
 
 
 def flow_timelines(
