@@ -85,6 +85,15 @@ def pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc: each task's children)."""
+    tree = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            tree += process_tree(int(child))
+    return tree
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
     """SIGTERM, wait, then SIGKILL. Returns the exit code, or None if it had to be killed."""
     if proc.poll() is not None:

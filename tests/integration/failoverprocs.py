@@ -9,10 +9,10 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 from tests.integration import bed as bedlib
 from tests.integration import tinyproxybed
+from tests.integration.bedprocs import process_tree
 
 
 class KillableServer:
@@ -49,14 +49,6 @@ class KillableServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.kill()
-
-
-def process_tree(pid: int) -> list[int]:
-    tree = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            tree += process_tree(int(child))
-    return tree
 
 
 class Danted(KillableServer):

@@ -22,6 +22,7 @@ import pytest
 
 from tests.integration import bed as bedlib
 from tests.integration import dnsbed, leakcapture
+from tests.integration.bedprocs import process_tree
 
 pytestmark = [
     pytest.mark.integration,
@@ -105,15 +106,6 @@ def danted_by_name(bed: bedlib.Bed) -> int:
     return len(BY_NAME_RULE.findall(text))
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (dnsmasq serves each TCP connection from a child)."""
-    tree = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            tree += process_tree(int(child))
-    return tree
-
-
 def curl(bed: bedlib.Bed, url: str = URL) -> subprocess.CompletedProcess[str]:
     return bed.run_cli(["curl", "-sS", "--max-time", "10", url], timeout=30)
 
@@ -171,7 +163,8 @@ def test_servfail_within_the_timeout_when_the_upstream_is_stopped(
 ) -> None:
     t2s = start(upstreams=[UPSTREAM], timeout=2.0)
     assert answers(dig(dns_bed, dnsbed.ZONE_NAME)) == [bedlib.TARGET_IP]  # connection is up
-    dnsmasq = process_tree(dns_bed.dns_server().pid)  # with its TCP children
+    # dnsmasq and its children: it serves each TCP connection from one
+    dnsmasq = process_tree(dns_bed.dns_server().pid)
     for pid in dnsmasq:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -22,7 +22,8 @@ import pytest
 
 from tests.integration import apiclient, conftest, dnsbed
 from tests.integration import bed as bedlib
-from tests.integration.failoverprocs import Danted, Tinyproxy, p99, process_tree
+from tests.integration.bedprocs import process_tree
+from tests.integration.failoverprocs import Danted, Tinyproxy, p99
 
 pytestmark = [
     pytest.mark.integration,
