@@ -5,11 +5,12 @@ other statuses, answer garbage or nothing. Real sockets; every test bounded in t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
+from tests.support.bounded_run import run_bounded
 from tun2socks.outbound.http_connect import (
     HttpProxyAuthFailed,
     HttpProxyProtocolError,
@@ -22,16 +23,9 @@ from tun2socks.outbound.socks5 import ProxyEndpoint
 
 pytestmark = pytest.mark.integration
 
+BOUND_S = 20.0  # each test body, at the most
 T = TypeVar("T")
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def _run(coro: Coroutine[Any, Any, T], limit: float = 20.0) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(limit):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def _with_server(handler: Handler, body: Callable[[int], Awaitable[T]]) -> T:
@@ -68,7 +62,7 @@ def test_rfc9110_9_3_6_bytes_after_the_200_stay_for_the_relay() -> None:
             loop = asyncio.get_running_loop()
             return await loop.sock_recv(sock, 100)
 
-    assert _run(_with_server(handler, body)) == b"SSH-2.0-server\r\n"
+    assert run_bounded(_with_server(handler, body), BOUND_S) == b"SSH-2.0-server\r\n"
     assert seen[0].startswith(b"CONNECT [fd00::9]:22 HTTP/1.1\r\nHost: [fd00::9]:22\r\n")
     assert b"Proxy-Authorization: Basic YWw6cHc=\r\n" in seen[0]
 
@@ -96,7 +90,7 @@ def test_each_failure_is_one_clear_error(answer: bytes, error: type[Exception], 
         assert message.startswith(f"HTTP proxy 127.0.0.1:{port}: CONNECT 198.19.0.10:80 failed")
         assert text in message and "secret-pw" not in message and "\n" not in message
 
-    _run(_with_server(_answering(answer), body))
+    run_bounded(_with_server(_answering(answer), body), BOUND_S)
 
 
 def test_silent_proxy_times_out() -> None:
@@ -108,7 +102,7 @@ def test_silent_proxy_times_out() -> None:
         with pytest.raises(HttpProxyTimeout, match="waiting for the CONNECT answer"):
             await connect(ProxyEndpoint("127.0.0.1", port, scheme="http"), "h", 80, timeout=0.5)
 
-    _run(_with_server(silent, body))
+    run_bounded(_with_server(silent, body), BOUND_S)
 
 
 def test_closed_port_is_unreachable() -> None:
@@ -123,4 +117,4 @@ def test_closed_port_is_unreachable() -> None:
         with pytest.raises(HttpProxyUnreachable, match="Connection refused"):
             await connect(ProxyEndpoint("127.0.0.1", port, scheme="http"), "h", 80, timeout=5)
 
-    _run(body())
+    run_bounded(body(), BOUND_S)

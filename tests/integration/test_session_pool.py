@@ -11,7 +11,7 @@ import asyncio
 import re
 import subprocess
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ import pytest
 from tests.integration import apiclient, httpserver
 from tests.integration import bed as bedlib
 from tests.integration.failoverprocs import Danted
+from tests.support.bounded_run import run_bounded
 from tun2socks.outbound.dialer import Socks5Dialer
 from tun2socks.outbound.pool_policy import PoolPolicy
 from tun2socks.outbound.session_pool import SessionPool
@@ -40,6 +41,7 @@ FAST_OPEN_PORT = 1099  # a danted whose listener takes TCP Fast Open
 # The bed's proxies are a veth away (a login round trip of about 0.1 ms), nearer than the
 # shipped proxy.pool.min_round_trip: the tests of the pool itself turn that rule off.
 ALWAYS = {"min_round_trip": 0.0}
+BOUND_S = 20.0  # each scripted-server test body, at the most
 AUTH_FAILURE = re.compile(r"(?i)(auth|password|credential).*(fail|reject|denied|invalid|wrong|bad)")
 
 
@@ -241,14 +243,6 @@ def test_fast_open_to_the_proxy(
 # --- scripted servers on loopback: what danted does only by chance ------------------------------
 
 
-def _run(coro: Coroutine[Any, Any, None], limit: float = 20.0) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(limit):
-            await coro
-
-    asyncio.run(bounded())
-
-
 class ScriptedProxy:
     """A no-auth SOCKS5 server on loopback. Connections numbered in `drop` (from 1, in the
     order accepted) are closed without a reply to their request (a session the proxy dropped
@@ -320,7 +314,7 @@ def test_a_session_dropped_at_its_connect_is_replaced_by_a_fresh_connection() ->
             assert stats["discarded"] == 1 and stats["misses"] == 2, stats
             await pool.close()
 
-    _run(body())
+    run_bounded(body(), BOUND_S)
     assert server.answered == 2
 
 
@@ -340,7 +334,7 @@ def test_a_session_the_proxy_closes_while_it_waits_is_discarded_at_once() -> Non
             assert server.connections > connections
             await pool.close()
 
-    _run(body())
+    run_bounded(body(), BOUND_S)
 
 
 def test_a_network_change_drops_every_ready_session() -> None:
@@ -361,4 +355,4 @@ def test_a_network_change_drops_every_ready_session() -> None:
             assert pool.stats()["misses"] == stats["misses"] + 1
             await pool.close()
 
-    _run(body())
+    run_bounded(body(), BOUND_S)

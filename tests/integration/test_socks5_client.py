@@ -7,8 +7,7 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
@@ -21,6 +20,7 @@ from tests.integration.helpers_danted import (
     remove_system_user,
     start_danted,
 )
+from tests.support.bounded_run import run_bounded
 from tun2socks.outbound.socks5 import (
     ProxyEndpoint,
     Socks5AuthFailed,
@@ -47,17 +47,6 @@ if _skip_reason is not None:
 
 LOCALHOST = "127.0.0.1"
 TEST_USER = "t2s-socks5-test"
-T = TypeVar("T")
-
-
-def _run(coro: Coroutine[Any, Any, T], limit: float = 30.0) -> T:
-    """Run one test body with a hard bound, so a bug cannot hang the suite."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(limit):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 # --- servers -----------------------------------------------------------------------------------
@@ -143,7 +132,7 @@ def test_connect_relays_bytes_both_ways(
             payload = secrets.token_bytes(200_000)
             assert await _echo_through(sock, payload) == payload
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_connect_to_a_domain_name_lets_the_proxy_resolve_it(
@@ -157,7 +146,7 @@ def test_connect_to_a_domain_name_lets_the_proxy_resolve_it(
             sock, _ = await connect(proxy, "localhost", echo_port, timeout=5)
             assert await _echo_through(sock, b"by name") == b"by name"
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_proxy_given_by_name_is_resolved(socks5_noauth_danted: DantedProcess) -> None:
@@ -170,7 +159,7 @@ def test_proxy_given_by_name_is_resolved(socks5_noauth_danted: DantedProcess) ->
             sock, _ = await connect(proxy, LOCALHOST, echo_port, timeout=5)
             assert await _echo_through(sock, b"x") == b"x"
 
-    _run(body())
+    run_bounded(body())
 
 
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "step-by-step"])
@@ -180,7 +169,7 @@ def test_connect_to_a_closed_port_raises_the_reply_code(
     proxy = ProxyEndpoint(LOCALHOST, socks5_noauth_danted.port)
     closed_port = free_tcp_port()
     with pytest.raises(Socks5ReplyError) as info:
-        _run(connect(proxy, LOCALHOST, closed_port, timeout=5, pipeline=pipeline))
+        run_bounded(connect(proxy, LOCALHOST, closed_port, timeout=5, pipeline=pipeline))
     # Dante 1.4 relays the ECONNREFUSED it got as "connection refused".
     assert info.value.reply_code == ReplyCode.CONNECTION_REFUSED
     assert str(info.value) == (
@@ -195,7 +184,7 @@ def test_destination_outside_the_ruleset_is_not_allowed(
     # The config only passes 127.0.0.0/8; ::1 is loopback too, so nothing leaves the machine.
     proxy = ProxyEndpoint(LOCALHOST, socks5_noauth_danted.port)
     with pytest.raises(Socks5ReplyError) as info:
-        _run(connect(proxy, "::1", 9, timeout=5))
+        run_bounded(connect(proxy, "::1", 9, timeout=5))
     assert info.value.reply_code == ReplyCode.CONNECTION_NOT_ALLOWED
     assert "[::1]:9" in str(info.value)
 
@@ -205,7 +194,7 @@ def test_client_without_credentials_is_refused_by_an_auth_proxy(
 ) -> None:
     server, _, _ = socks5_auth_danted
     with pytest.raises(Socks5AuthFailed) as info:
-        _run(connect(ProxyEndpoint(LOCALHOST, server.port), LOCALHOST, 9, timeout=5))
+        run_bounded(connect(ProxyEndpoint(LOCALHOST, server.port), LOCALHOST, 9, timeout=5))
     assert info.value.reply_code is None
     assert "none of the offered methods" in str(info.value)
 
@@ -226,7 +215,7 @@ def test_username_password_login_relays_bytes(
             sock, _ = await connect(proxy, LOCALHOST, echo_port, timeout=5, pipeline=pipeline)
             assert await _echo_through(sock, b"authenticated") == b"authenticated"
 
-    _run(body())
+    run_bounded(body())
 
 
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "step-by-step"])
@@ -238,7 +227,7 @@ def test_wrong_password_fails_fast_and_never_shows_it(
     proxy = ProxyEndpoint(LOCALHOST, server.port, user, wrong)
     started = time.monotonic()
     with pytest.raises(Socks5AuthFailed) as info:
-        _run(connect(proxy, LOCALHOST, 9, timeout=10, pipeline=pipeline))
+        run_bounded(connect(proxy, LOCALHOST, 9, timeout=10, pipeline=pipeline))
     assert time.monotonic() - started < 2.0  # the rejection, not the timeout
     assert info.value.reply_code is None
     for text in (str(info.value), repr(info.value), info.value.reason, repr(proxy)):
@@ -253,7 +242,7 @@ def test_nobody_listening_on_the_proxy_port_is_unreachable() -> None:
     proxy = ProxyEndpoint(LOCALHOST, free_tcp_port())
     started = time.monotonic()
     with pytest.raises(Socks5ProxyUnreachable) as info:
-        _run(connect(proxy, LOCALHOST, 80, timeout=5))
+        run_bounded(connect(proxy, LOCALHOST, 80, timeout=5))
     assert time.monotonic() - started < 2.0
     assert info.value.reply_code is None
     assert str(info.value) == (
@@ -288,7 +277,7 @@ def test_silent_proxy_times_out_and_the_socket_is_closed() -> None:
                 LOCALHOST, 80
             )
 
-    _run(body())
+    run_bounded(body())
 
 
 # --- scripted servers: what Dante never does ---------------------------------------------------
@@ -333,7 +322,7 @@ def test_pipelined_login_sends_everything_before_the_first_reply() -> None:
             with pytest.raises(Socks5Timeout):
                 await connect(proxy, "example.com", 443, timeout=0.3, pipeline=False)
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_bytes_after_the_reply_are_left_in_the_socket() -> None:
@@ -351,7 +340,7 @@ def test_bytes_after_the_reply_are_left_in_the_socket() -> None:
             assert await reader.readexactly(18) == b"220 early banner\r\n"
             writer.close()
 
-    _run(body())
+    run_bounded(body())
 
 
 @pytest.mark.parametrize(
@@ -378,7 +367,7 @@ def test_malformed_answers_are_protocol_errors(answer: bytes, detail: str) -> No
                 await connect(ProxyEndpoint(LOCALHOST, port), LOCALHOST, 80, timeout=5)
             assert info.value.reply_code is None
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_method_not_offered_is_a_protocol_error() -> None:
@@ -390,7 +379,7 @@ def test_method_not_offered_is_a_protocol_error() -> None:
             with pytest.raises(Socks5ProtocolError, match="not offered"):
                 await connect(ProxyEndpoint(LOCALHOST, port), LOCALHOST, 80, timeout=5)
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_failure_reply_cut_short_still_reports_its_code() -> None:
@@ -409,4 +398,4 @@ def test_failure_reply_cut_short_still_reports_its_code() -> None:
                 await connect(ProxyEndpoint(LOCALHOST, port), LOCALHOST, 80, timeout=5)
             assert info.value.reply_code == ReplyCode.HOST_UNREACHABLE
 
-    _run(body())
+    run_bounded(body())

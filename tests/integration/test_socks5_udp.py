@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import cast
 
 import pytest
 
@@ -19,6 +19,7 @@ from tests.integration.helpers_danted import (
     loopback_config,
     start_danted,
 )
+from tests.support.bounded_run import run_bounded
 from tun2socks.outbound.socks5 import ProxyEndpoint, Socks5ProxyUnreachable, Socks5ReplyError
 from tun2socks.outbound.socks5_udp import DatagramTooLarge, UdpAssociation, associate
 from tun2socks.outbound.socks5_wire import (
@@ -31,15 +32,6 @@ from tun2socks.outbound.socks5_wire import (
 pytestmark = pytest.mark.integration
 
 LOCALHOST = "127.0.0.1"
-T = TypeVar("T")
-
-
-def _run(coro: Coroutine[Any, Any, T], limit: float = 30.0) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(limit):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def _danted(tmp_path: Path, commands: str) -> Iterator[DantedProcess]:
@@ -98,7 +90,7 @@ def test_datagrams_up_to_60_kb_echo_through_danted(danted_udp: DantedProcess) ->
         assert await assoc.wait_closed() == "closed by us"
         assert not assoc.send(LOCALHOST, echo_port, b"late")  # dropped, not raised
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_payload_too_large_for_one_relay_datagram_raises(danted_udp: DantedProcess) -> None:
@@ -113,7 +105,7 @@ def test_payload_too_large_for_one_relay_datagram_raises(danted_udp: DantedProce
         finally:
             assoc.close()
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_proxy_refusing_udp_associate_raises_reply_error(danted_tcp_only: DantedProcess) -> None:
@@ -123,7 +115,7 @@ def test_proxy_refusing_udp_associate_raises_reply_error(danted_tcp_only: Danted
         assert info.value.reply_code == ReplyCode.CONNECTION_NOT_ALLOWED
         assert "UDP ASSOCIATE" in str(info.value)
 
-    _run(body())
+    run_bounded(body())
 
 
 class _FakeProxy:
@@ -186,7 +178,7 @@ def test_fake_proxy_relay_rules_and_control_connection_close() -> None:
             server.close()
             fake.relay.close()
 
-    _run(body())
+    run_bounded(body())
 
 
 def test_unreachable_proxy_fails_fast() -> None:
@@ -196,4 +188,4 @@ def test_unreachable_proxy_fails_fast() -> None:
             await associate(ProxyEndpoint(LOCALHOST, port), timeout=5)
         assert "cannot reach proxy" in str(info.value)
 
-    _run(body())
+    run_bounded(body())
