@@ -10,12 +10,10 @@ client's veth address, as if tun2socks were not there; dnsmasq's log shows the s
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 
 from tests.integration import bed as bedlib
 from tests.integration import dnsbed, httpserver
+from tests.integration.udpclient import udptool
 
 pytestmark = [
     pytest.mark.integration,
@@ -172,14 +171,6 @@ def test_block_rule_answers_with_rst_and_the_rest_goes_direct(
 
 
 # --- UDP ------------------------------------------------------------------------------------------
-
-
-def udptool(bed: bedlib.Bed, *args: str, timeout: float = 60.0) -> dict[str, Any]:
-    proc = bed.run_cli([sys.executable, str(bedlib.UDP_TOOL_SCRIPT), *args], timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"udptool {args[0]}: rc {proc.returncode}: {proc.stderr[-800:]}"
-    answer: dict[str, Any] = json.loads(lines[-1])
-    return answer
 
 
 @pytest.mark.parametrize("version", [4, 6])

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
-from typing import Any
 
 import pytest
 
 from tests.integration import bed as bedlib
 from tests.integration import dnsbed
+from tests.integration.udpclient import udptool
 
 pytestmark = [
     pytest.mark.integration,
@@ -42,14 +41,6 @@ def needs(command: str, package: str) -> pytest.MarkDecorator:
 def udp_bed(bed: bedlib.Bed) -> bedlib.Bed:
     bed.start_optional_servers(udp_echo=True)
     return bed
-
-
-def udptool(bed: bedlib.Bed, *args: str, timeout: float = 60.0) -> dict[str, Any]:
-    proc = bed.run_cli([sys.executable, str(bedlib.UDP_TOOL_SCRIPT), *args], timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"udptool {args[0]}: rc {proc.returncode}: {proc.stderr[-800:]}"
-    answer: dict[str, Any] = json.loads(lines[-1])
-    return answer
 
 
 def ip_counters(bed: bedlib.Bed) -> dict[str, int]:
