@@ -8,16 +8,14 @@ UDP echo server), microsocks and `ssh -D` do not, and each says so in one line.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from tests.integration import bed as bedlib
 from tests.integration import sshbed
+from tests.integration.checkrun import TARGET, run_check
 
 pytestmark = [
     pytest.mark.integration,
@@ -27,37 +25,7 @@ pytestmark = [
     ),
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-TARGET = f"{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}"
 REFUSED_TARGET = "203.0.113.9:80"  # outside what the bed's danted passes: it replies "not allowed"
-
-
-def check(
-    bed: bedlib.Bed,
-    tmp_path: Path,
-    config: dict[str, Any],
-    *,
-    password: str | None = None,
-    target: str = TARGET,
-    udp_target: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    path = tmp_path / "check.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env[bedlib.PASSWORD_ENV] = bed.socks_password if password is None else password
-    command = [*bedlib.tun2socks_command(), "check", "-c", str(path), "--target", target]
-    if udp_target is not None:
-        command += ["--udp-target", udp_target]
-    return subprocess.run(
-        [*bed.cli_prefix(), *command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
@@ -69,7 +37,7 @@ def test_check_passes_against_working_proxies(bed: bedlib.Bed, tmp_path: Path) -
         "proxy": {"url": bed.proxy_url()},
         "proxies": {"with-auth": {"url": bed.proxy_url(auth=True)}},
     }
-    proc = check(bed, tmp_path, config)
+    proc = run_check(bed, tmp_path, config)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = lines(proc)
     assert out[0].startswith("pass  configuration") and out[-1] == "all checks passed"
@@ -88,7 +56,7 @@ def test_check_passes_against_working_proxies(bed: bedlib.Bed, tmp_path: Path) -
 
 
 def test_check_fails_precisely_on_a_wrong_port(bed: bedlib.Bed, tmp_path: Path) -> None:
-    proc = check(bed, tmp_path, {"proxy": {"url": f"socks5://{bedlib.SRV_VETH_IP}:1099"}})
+    proc = run_check(bed, tmp_path, {"proxy": {"url": f"socks5://{bedlib.SRV_VETH_IP}:1099"}})
     assert proc.returncode == 1
     out = lines(proc)
     assert "FAIL  TCP connect: connection refused" in out
@@ -97,7 +65,7 @@ def test_check_fails_precisely_on_a_wrong_port(bed: bedlib.Bed, tmp_path: Path) 
 
 def test_check_fails_precisely_on_a_wrong_password(bed: bedlib.Bed, tmp_path: Path) -> None:
     config = {"proxy": {"url": bed.proxy_url(auth=True)}}
-    proc = check(bed, tmp_path, config, password="not-the-password")
+    proc = run_check(bed, tmp_path, config, password="not-the-password")
     assert proc.returncode == 1
     out = lines(proc)
     assert "pass  SOCKS5 greeting: method username/password accepted" in out
@@ -110,7 +78,7 @@ def test_check_fails_precisely_on_a_wrong_password(bed: bedlib.Bed, tmp_path: Pa
 def test_check_fails_precisely_when_the_proxy_refuses_the_target(
     bed: bedlib.Bed, tmp_path: Path
 ) -> None:
-    proc = check(bed, tmp_path, {"proxy": {"url": bed.proxy_url()}}, target=REFUSED_TARGET)
+    proc = run_check(bed, tmp_path, {"proxy": {"url": bed.proxy_url()}}, target=REFUSED_TARGET)
     assert proc.returncode == 1
     expected = (
         f"FAIL  CONNECT {REFUSED_TARGET}: refused by the proxy: "
@@ -120,7 +88,7 @@ def test_check_fails_precisely_when_the_proxy_refuses_the_target(
 
 
 def test_check_reports_a_bad_config_with_status_2(bed: bedlib.Bed, tmp_path: Path) -> None:
-    proc = check(bed, tmp_path, {"proxy": {"url": bed.proxy_url()}, "route": {"table": 254}})
+    proc = run_check(bed, tmp_path, {"proxy": {"url": bed.proxy_url()}, "route": {"table": 254}})
     assert proc.returncode == 2
     assert "route.table: must not be one of the kernel's tables" in proc.stderr
 
@@ -141,7 +109,7 @@ def test_check_udp_yes_with_a_round_trip_through_danted(bed: bedlib.Bed, tmp_pat
         "proxy": {"url": bed.proxy_url()},
         "proxies": {"with-auth": {"url": bed.proxy_url(auth=True)}},
     }
-    proc = check(bed, tmp_path, config, udp_target=UDP_ECHO)
+    proc = run_check(bed, tmp_path, config, udp_target=UDP_ECHO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = udp_lines(proc)
     assert len(found) == 2, proc.stdout
@@ -154,7 +122,7 @@ def test_check_udp_yes_with_a_round_trip_through_danted(bed: bedlib.Bed, tmp_pat
 def test_check_udp_fails_when_the_datagram_gets_no_answer(bed: bedlib.Bed, tmp_path: Path) -> None:
     silent = f"{bedlib.TARGET_IP}:7999"  # nothing listens there
     config = {"proxy": {"url": bed.proxy_url(), "connect_timeout": 1.5}}
-    proc = check(bed, tmp_path, config, udp_target=silent)
+    proc = run_check(bed, tmp_path, config, udp_target=silent)
     assert proc.returncode == 1, proc.stdout
     [line] = udp_lines(proc)
     assert f"accepted, but no answer from {silent} within 1.5 s" in line, line
@@ -166,7 +134,7 @@ def test_check_udp_no_against_microsocks(bed: bedlib.Bed, tmp_path: Path) -> Non
         pytest.skip("needs microsocks (Debian package microsocks)")
     bed.start_optional_servers(microsocks=True)
     config = {"proxy": {"url": f"socks5://{bedlib.SRV_VETH_IP}:{bedlib.MICROSOCKS_PORT}"}}
-    proc = check(bed, tmp_path, config)
+    proc = run_check(bed, tmp_path, config)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert udp_lines(proc) == [
         "UDP: no, the proxy refuses UDP ASSOCIATE: command not supported (reply 7); " + ICMP_REFUSAL
@@ -179,7 +147,7 @@ def test_check_udp_no_against_ssh_dynamic_forwarding(bed: bedlib.Bed, tmp_path: 
         pytest.skip("needs " + ", ".join(sshbed.missing()))
     with sshbed.ssh_dynamic(bed) as url:
         config = {"proxy": {"url": url}, "udp": {"when_unsupported": "drop"}}
-        proc = check(bed, tmp_path, config, udp_target=UDP_ECHO)
+        proc = run_check(bed, tmp_path, config, udp_target=UDP_ECHO)
     out = lines(proc)
     assert any(step.startswith(f"pass  CONNECT {TARGET}: bound ") for step in out), out
     [line] = udp_lines(proc)  # OpenSSH knows CONNECT only: it closes the connection

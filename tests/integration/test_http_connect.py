@@ -9,7 +9,6 @@ CONNECTs. The bed has dnsmasq (dns=True) for DNS over TCP through CONNECT.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -18,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.integration import bed as bedlib
-from tests.integration import conftest, dnsbed, httpserver, tinyproxybed
+from tests.integration import checkrun, conftest, dnsbed, httpserver, tinyproxybed
 
 pytestmark = [
     pytest.mark.integration,
@@ -192,21 +190,10 @@ def test_wrong_password_gives_one_clear_line_without_the_password(
     assert wrong not in log and http_bed.socks_password not in log
 
 
-def run_check(bed: bedlib.Bed, tmp_path: Path, config: dict[str, Any], password: str) -> list[str]:
-    path = tmp_path / "check.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ)
-    env[bedlib.PASSWORD_ENV] = password
-    command = [*bedlib.tun2socks_command(), "check", "-c", str(path), "--target", TARGET]
-    proc = subprocess.run(
-        [*bed.cli_prefix(), *command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+def check_lines(
+    bed: bedlib.Bed, tmp_path: Path, config: dict[str, Any], password: str
+) -> list[str]:
+    proc = checkrun.run_check(bed, tmp_path, config, password=password)
     assert password not in proc.stdout + proc.stderr
     return [line.strip() for line in proc.stdout.splitlines()]
 
@@ -219,7 +206,7 @@ def test_check_probes_http_proxies_step_by_step(http_bed: bedlib.Bed, tmp_path: 
             "no-credentials": {"url": tinyproxybed.url(http_bed).replace("3128", "3129")},
         },
     }
-    out = run_check(http_bed, tmp_path, config, http_bed.socks_password)
+    out = check_lines(http_bed, tmp_path, config, http_bed.socks_password)
     steps = [line.split(": ")[0] for line in out if line.startswith(("pass ", "FAIL", "skip"))]
     answer, tunnel = f"HTTP CONNECT {TARGET} sent, answer", f"tunnel to {TARGET}"
     assert steps[1:] == [
@@ -238,7 +225,7 @@ def test_check_probes_http_proxies_step_by_step(http_bed: bedlib.Bed, tmp_path: 
 
     wrong = "wrong-" + http_bed.socks_password[::-1]
     config = {"proxy": {"url": tinyproxybed.url(http_bed, auth=True)}}
-    out = run_check(http_bed, tmp_path, config, wrong)
+    out = check_lines(http_bed, tmp_path, config, wrong)
     failed = [line for line in out if line.startswith("FAIL")]
     assert len(failed) == 1, out
     assert failed[0].startswith(
