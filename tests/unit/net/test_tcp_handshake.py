@@ -105,7 +105,9 @@ def test_listen_over_half_open_cap_answers_from_the_syn_cache() -> None:
     assert stack.drops["half_open_limit"] == 1
 
 
-def test_syn_cache_flow_is_requested_once_the_handshake_completes() -> None:
+def syn_answered_from_the_cache() -> Client:
+    """The half-open cap (1) taken by another client: this one's SYN on port 1001 got its
+    SYN-ACK from the SYN cache, not yet ACKed (the stack has asked for no flow yet)."""
     stack = make_stack(max_half_open=1)
     syn_sent(Client(stack, port=1000))
     extra = Client(stack, port=1001)
@@ -113,6 +115,12 @@ def test_syn_cache_flow_is_requested_once_the_handshake_completes() -> None:
     syn_ack = extra.output_one()
     extra.snd_nxt = wrap(extra.iss + 1)
     extra.rcv_nxt = wrap(syn_ack.seq + 1)
+    return extra
+
+
+def test_syn_cache_flow_is_requested_once_the_handshake_completes() -> None:
+    extra = syn_answered_from_the_cache()
+    stack = extra.stack
     extra.send_data(b"early")
     events = extra.events()
     assert isinstance(events[-1], FlowRequested) and events[-1].src_port == 1001, events
@@ -123,13 +131,8 @@ def test_syn_cache_flow_is_requested_once_the_handshake_completes() -> None:
 
 
 def test_syn_cache_flow_whose_upstream_fails_is_reset() -> None:
-    stack = make_stack(max_half_open=1)
-    syn_sent(Client(stack, port=1000))
-    extra = Client(stack, port=1001)
-    extra.send_syn()
-    syn_ack = extra.output_one()
-    extra.snd_nxt = wrap(extra.iss + 1)
-    extra.rcv_nxt = wrap(syn_ack.seq + 1)
+    extra = syn_answered_from_the_cache()
+    stack = extra.stack
     extra.send()
     [requested] = extra.events()
     assert isinstance(requested, FlowRequested)
