@@ -21,6 +21,7 @@ import json
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 CHUNK = 64 * 1024
 
@@ -130,6 +131,20 @@ async def cmd_transfers(args: argparse.Namespace) -> None:
     )
 
 
+def read_into(
+    sock: socket.socket, update: Callable[[bytes], object], received: int, *, until: int
+) -> int:
+    """Read, handing each chunk to `update`, until `until` bytes in all (or EOF); the bytes
+    received in all."""
+    while received < until:
+        data = sock.recv(CHUNK)
+        if not data:
+            break
+        update(data)
+        received += len(data)
+    return received
+
+
 def cmd_stall(args: argparse.Namespace) -> None:
     started = time.monotonic()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -143,21 +158,11 @@ def cmd_stall(args: argparse.Namespace) -> None:
     _, _, body = head.partition(b"\r\n\r\n")
     digest = hashlib.sha256(body)
     received = len(body)
-    while received < args.before:
-        data = sock.recv(CHUNK)
-        if not data:
-            break
-        digest.update(data)
-        received += len(data)
+    received = read_into(sock, digest.update, received, until=args.before)
     emit(event="stalled", received=received)
     time.sleep(args.stall)
     emit(event="resumed")
-    while received < args.size:
-        data = sock.recv(CHUNK)
-        if not data:
-            break
-        digest.update(data)
-        received += len(data)
+    received = read_into(sock, digest.update, received, until=args.size)
     sock.close()
     emit(received=received, sha256=digest.hexdigest(), seconds=round(time.monotonic() - started, 1))
 
