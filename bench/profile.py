@@ -94,35 +94,11 @@ def summarize(raw: str, top: int = TOP_N) -> dict[str, Any]:
 
 def record(runner: Runner, *, reverse: bool, out_path: Path) -> dict[str, Any]:
     """Profile tun2socks for PROFILE_SECS during one bulk iperf3 transfer through the TUN."""
-    t2s = runner.bed.tun2socks
-    spy = py_spy()
-    if spy is None:
-        return {"error": "py-spy not found (pip install -e '.[bench]')"}
-    if t2s is None or t2s.process.poll() is not None:
-        return {"error": "tun2socks is not running"}
     secs = int(PROFILE_SECS + WARMUP_S + 2)
     cmd = runner.iperf_command(LABEL_TUN, reverse=reverse, streams=1, secs=secs)
-    iperf = subprocess.Popen(
-        [*runner.bed.cli_prefix(), *cmd],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        time.sleep(WARMUP_S)
-        spy_cmd = [spy, "record", "-p", str(t2s.pid), "-d", str(PROFILE_SECS), "-f", "raw"]
-        spy_cmd += ["--function", "-o", str(out_path)]
-        spied = bedlib.run(spy_cmd, timeout=runner.time_left(PROFILE_SECS + 30), check=False)
-        out, _ = iperf.communicate(timeout=runner.time_left(secs + 30))
-    finally:
-        if iperf.poll() is None:
-            iperf.kill()
-            iperf.wait(5)
-    if spied.returncode != 0 or not out_path.exists():
-        return {"error": f"py-spy exit {spied.returncode}: {spied.stderr.strip()[-300:]}"}
-    summary = summarize(out_path.read_text())
-    summary["raw_file"] = out_path.name
+    summary, out, _ = profile_under_load(runner, cmd, secs, out_path)
+    if "error" in summary:
+        return summary
     try:
         summary["gbit_s_under_profiler"] = round(
             json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9, 3
@@ -135,17 +111,40 @@ def record(runner: Runner, *, reverse: bool, out_path: Path) -> dict[str, Any]:
 def record_connections(runner: Runner, *, out_path: Path) -> dict[str, Any]:
     """Profile tun2socks for PROFILE_SECS while new connections are made one after the other
     (each a GET of /small that the server closes)."""
-    t2s = runner.bed.tun2socks
-    spy = py_spy()
-    if spy is None:
-        return {"error": "py-spy not found (pip install -e '.[bench]')"}
-    if t2s is None or t2s.process.poll() is not None:
-        return {"error": "tun2socks is not running"}
     secs = PROFILE_SECS + WARMUP_S + 2
     args = ["get-many", "--host", bedlib.TARGET_IP, "--path", "/small", "-n", str(CONNECTIONS)]
     args += ["-c", "1", "--req-timeout", "15", "--total-timeout", str(int(secs))]
-    client = subprocess.Popen(
-        [*runner.bed.cli_prefix(), sys.executable, str(bedlib.NET_CLIENT_SCRIPT), *args],
+    load = [sys.executable, str(bedlib.NET_CLIENT_SCRIPT), *args]
+    summary, out, cpu = profile_under_load(runner, load, secs, out_path)
+    if "error" in summary:
+        return summary
+    try:
+        result = json.loads(out)
+        summary["req_per_s_under_profiler"] = result["rate_per_s"]
+        # The client ran on past the profile (the total timeout ends it): its rate stands
+        # for the profiled seconds as well.
+        summary["cpu_ms_per_connection"] = round(
+            1000 * cpu / (result["rate_per_s"] * PROFILE_SECS), 3
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError):
+        summary["client_error"] = out[-300:]
+    return summary
+
+
+def profile_under_load(
+    runner: Runner, load: list[str], secs: float, out_path: Path
+) -> tuple[dict[str, Any], str, float]:
+    """Run `load` (a command of `secs` seconds) in the client namespace and, after WARMUP_S,
+    py-spy on tun2socks for PROFILE_SECS into `out_path`. Returns the profile's summary (or
+    {"error": ...}), the load's output, and the CPU seconds tun2socks used while profiled."""
+    t2s = runner.bed.tun2socks
+    spy = py_spy()
+    if spy is None:
+        return {"error": "py-spy not found (pip install -e '.[bench]')"}, "", 0.0
+    if t2s is None or t2s.process.poll() is not None:
+        return {"error": "tun2socks is not running"}, "", 0.0
+    process = subprocess.Popen(
+        [*runner.bed.cli_prefix(), *load],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -158,26 +157,17 @@ def record_connections(runner: Runner, *, out_path: Path) -> dict[str, Any]:
         spy_cmd += ["--function", "-o", str(out_path)]
         spied = bedlib.run(spy_cmd, timeout=runner.time_left(PROFILE_SECS + 30), check=False)
         cpu = bedlib.process_cpu_seconds(t2s.pid) - cpu_before
-        out, _ = client.communicate(timeout=runner.time_left(secs + 30))
+        out, _ = process.communicate(timeout=runner.time_left(secs + 30))
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait(5)
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
     if spied.returncode != 0 or not out_path.exists():
-        return {"error": f"py-spy exit {spied.returncode}: {spied.stderr.strip()[-300:]}"}
+        error = f"py-spy exit {spied.returncode}: {spied.stderr.strip()[-300:]}"
+        return {"error": error}, out, cpu
     summary = summarize(out_path.read_text())
     summary["raw_file"] = out_path.name
-    try:
-        result = json.loads(out)
-        summary["req_per_s_under_profiler"] = result["rate_per_s"]
-        # The client ran on past the profile (the total timeout ends it): its rate stands
-        # for the profiled seconds as well.
-        summary["cpu_ms_per_connection"] = round(
-            1000 * cpu / (result["rate_per_s"] * PROFILE_SECS), 3
-        )
-    except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError):
-        summary["client_error"] = out[-300:]
-    return summary
+    return summary, out, cpu
 
 
 def markdown(profiles: dict[str, dict[str, Any]], context: str) -> str:
