@@ -162,12 +162,7 @@ class KillableDanted:
         self.proc = start_in_srv(
             self.bed, "danted-killable", [danted, "-f", str(self.config), "-p", str(pid_file)]
         )
-        if not wait_until(self.listening, 15):
-            raise bedlib.BedError("the killable danted does not listen")
-
-    def listening(self) -> bool:
-        out = self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout
-        return f"{bedlib.SRV_VETH_IP}:{KILLABLE_SOCKS_PORT} " in out
+        self.bed.wait_listening({KILLABLE_SOCKS_PORT}, watch=[("danted-killable", self.proc)])
 
     def kill(self) -> None:
         """SIGKILL danted and all its children at once, as a crash would."""

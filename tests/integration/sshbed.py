@@ -4,8 +4,9 @@ An sshd runs in the server namespace on SSHD_PORT of the server's veth address o
 own configuration, host key and authorized key, all generated in a temporary directory; an
 `ssh -N -D` client in the same namespace logs in to it as root with the generated key and
 listens for SOCKS clients on SRV_VETH_IP:SOCKS_PORT. Nothing listens beyond the bed's
-addresses, nothing is written outside the temporary directory: sshd's privilege separation
-directory (/run/sshd) is a tmpfs mounted in the private mount namespace `ip netns exec` gives it.
+addresses; nothing is written outside the temporary directory but the two logs, which go with
+the bed's servers' logs (bed.workdir); sshd's privilege separation directory (/run/sshd) is a
+tmpfs mounted in the private mount namespace `ip netns exec` gives it.
 
     with sshbed.ssh_dynamic(bed) as url:   # socks5://198.18.0.2:1084
         ...
@@ -20,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +29,6 @@ from tests.integration import bed as bedlib
 SSHD = "/usr/sbin/sshd"
 SSHD_PORT = 2222
 SOCKS_PORT = 1084
-READY_TIMEOUT_S = 15.0
 
 
 def missing() -> list[str]:
@@ -81,17 +80,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def _wait_listening(
-    bed: bedlib.Bed, port: int, process: subprocess.Popen[bytes], log: Path
-) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    listening = f"{bedlib.SRV_VETH_IP}:{port} "
-    while listening not in bed.run_srv(["ss", "-Hltn"], timeout=10).stdout:
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise bedlib.BedError(f"nothing listens on port {port}: {log.read_text()[-800:]}")
-        time.sleep(0.1)
-
-
 @contextlib.contextmanager
 def ssh_dynamic(bed: bedlib.Bed) -> Iterator[str]:
     """sshd and `ssh -N -D` in the server namespace; yields the SOCKS5 URL. Cleans up even
@@ -109,9 +97,11 @@ def ssh_dynamic(bed: bedlib.Bed) -> Iterator[str]:
         sshd = f"{SSHD} -D -e -f {shlex.quote(str(workdir / 'sshd_config'))}"
         # /run/sshd must exist for sshd; a tmpfs over /run in this private mount namespace
         mount = "mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd"
-        sshd_log = workdir / "sshd.log"
-        started.append(_start(bed, ["sh", "-c", f"{mount} && exec {sshd}"], sshd_log))
-        _wait_listening(bed, SSHD_PORT, started[-1], sshd_log)
+        # The logs go with the bed's servers' logs, where bed.wait_listening quotes them from.
+        started.append(
+            _start(bed, ["sh", "-c", f"{mount} && exec {sshd}"], bed.workdir / "sshd.log")
+        )
+        bed.wait_listening({SSHD_PORT}, watch=[("sshd", started[-1])])
         client = [
             *("ssh", "-N", "-D", f"{bedlib.SRV_VETH_IP}:{SOCKS_PORT}"),
             *("-i", str(workdir / "user_key"), "-p", str(SSHD_PORT)),
@@ -119,9 +109,8 @@ def ssh_dynamic(bed: bedlib.Bed) -> Iterator[str]:
             *("-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-F", "/dev/null"),
             f"root@{bedlib.SRV_VETH_IP}",
         ]
-        ssh_log = workdir / "ssh.log"
-        started.append(_start(bed, client, ssh_log))
-        _wait_listening(bed, SOCKS_PORT, started[-1], ssh_log)
+        started.append(_start(bed, client, bed.workdir / "ssh-dynamic.log"))
+        bed.wait_listening({SOCKS_PORT}, watch=[("ssh-dynamic", started[-1])])
         yield f"socks5://{bedlib.SRV_VETH_IP}:{SOCKS_PORT}"
     finally:
         for process in reversed(started):

@@ -48,13 +48,7 @@ class HttpServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + bedlib.READY_TIMEOUT_S
-        while not self.listening():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "httpd not up"
-            time.sleep(0.05)
-
-    def listening(self) -> bool:
-        return f":{PORT} " in self.bed.run_srv(["ss", "-Hltn"], timeout=10).stdout
+        bed.wait_listening({PORT}, watch=[("httpd-early-accept", self.proc)])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
