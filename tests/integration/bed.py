@@ -385,19 +385,10 @@ class Bed:
     def start_doh_server(self, cert_file: Path, key_file: Path) -> None:
         """dohserver.py on TARGET_IP and TARGET_IP6, port dnsbed.DOH_PORT, answering from
         dnsmasq; waits until it listens."""
-        if any(name == "dohd" and proc.poll() is None for name, proc in self._servers):
-            return
         args = [sys.executable, str(dnsbed.DOH_SERVER_SCRIPT), "--cert", str(cert_file)]
         args += ["--key", str(key_file), "--bind", TARGET_IP, "--bind", TARGET_IP6]
         args += ["--port", str(dnsbed.DOH_PORT), "--upstream", f"{TARGET_IP}:53"]
-        self._start_server("dohd", args)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        listening = f"{TARGET_IP}:{dnsbed.DOH_PORT} "
-        while listening not in self.run_srv(["ss", "-Hltn"], timeout=10).stdout:
-            proc = next(proc for name, proc in self._servers if name == "dohd")
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise BedError(f"DoH server not listening: {self._log_tail('dohd')}")
-            time.sleep(0.1)
+        self.start_server("dohd", args, tcp_ports=[dnsbed.DOH_PORT])
 
     def doh_log_text(self) -> str:
         return self._log_tail("dohd")
@@ -498,13 +489,8 @@ class Bed:
             conf.write_text(helpers_danted.far_proxy_config(log_path, FAR_PROXY_IP, FAR_PROXY_PORT))
             pid_file = str(self.workdir / "danted-far.pid")
             danted = which("danted") or "danted"
-            self._start_server("far-proxy", [danted, "-f", str(conf), "-p", pid_file, "-N", "1"])
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            listening = f"{FAR_PROXY_IP}:{FAR_PROXY_PORT} "
-            while listening not in self.run_srv(["ss", "-Hltn"], timeout=10).stdout:
-                if time.monotonic() > deadline:
-                    raise BedError(f"far proxy not listening: {self._log_tail('far-proxy')}")
-                time.sleep(0.1)
+            args = [danted, "-f", str(conf), "-p", pid_file, "-N", "1"]
+            self.start_server("far-proxy", args, tcp_ports=[FAR_PROXY_PORT])
         return f"socks5://{FAR_PROXY_IP}:{FAR_PROXY_PORT}"
 
     def _wait_for_tun(self, t2s: Tun2socks, timeout: float) -> None:

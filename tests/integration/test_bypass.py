@@ -52,11 +52,6 @@ def curl(bed: bedlib.Bed, url: str, *args: str, max_time: float = 10.0) -> Any:
     return bed.run_cli(command, timeout=max_time + 10)
 
 
-def listening_tcp_ports(bed: bedlib.Bed) -> set[int]:
-    listening = bed.run_srv(["ss", "-Hltn"], timeout=10).stdout
-    return {int(port) for port in re.findall(r":(\d+)\s", listening)}
-
-
 @pytest.fixture(scope="module")
 def bypass_bed(dns_bed: bedlib.Bed) -> Iterator[bedlib.Bed]:
     """The DNS bed without its SOCKS5 servers, with an uplink and the UDP echo server."""
@@ -66,7 +61,7 @@ def bypass_bed(dns_bed: bedlib.Bed) -> Iterator[bedlib.Bed]:
         if pid_file.exists():
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while set(SOCKS_PORTS) & listening_tcp_ports(dns_bed):
+    while set(SOCKS_PORTS) & dns_bed.listening_ports():
         assert time.monotonic() < deadline, "danted did not stop"
         time.sleep(0.1)
     dns_bed.set_uplink(True)
@@ -101,7 +96,7 @@ def start(
     says otherwise), debug log; SOCKS5 is checked to be absent each time."""
 
     def run(route: dict[str, Any] | None = None, **extra: Any) -> bedlib.Tun2socks:
-        assert not set(SOCKS_PORTS) & listening_tcp_ports(bypass_bed)
+        assert not set(SOCKS_PORTS) & bypass_bed.listening_ports()
         settings: dict[str, Any] = {
             "proxy": {"url": "direct://"},
             "route": {"auto": True, "state_dir": str(artifact_dir / "state"), "mark": MARK},
