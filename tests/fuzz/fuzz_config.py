@@ -20,9 +20,9 @@ from typing import Any
 import atheris
 import yaml
 
-with atheris.instrument_imports(include=["tun2socks"]):
-    from pydantic import BaseModel
+from tests.support.config_cases import model_keys, set_at
 
+with atheris.instrument_imports(include=["tun2socks"]):
     from tun2socks.config import ConfigError, Settings, load_settings
 
 PASSWORD = "pw-Zq8xK2mV"  # appears only inside proxy URLs
@@ -39,17 +39,7 @@ os.environ["FUZZ_PROXY_PASSWORD"] = PASSWORD
 URLS.append("socks5://bob:${FUZZ_PROXY_PASSWORD}@10.0.0.1:1080")
 
 
-def _keys(model: type[BaseModel]) -> list[tuple[str, ...]]:
-    out: list[tuple[str, ...]] = []
-    for name, info in model.model_fields.items():
-        out.append((name,))
-        sub = info.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            out += [(name, *rest) for rest in _keys(sub)]
-    return out
-
-
-KEYS = _keys(Settings)
+KEYS = model_keys(Settings, leaves_only=False)
 FILE = Path(tempfile.mkdtemp(prefix="fuzz-config-")) / "config.yaml"
 
 
@@ -75,14 +65,7 @@ def _value(fdp: atheris.FuzzedDataProvider, depth: int = 0) -> Any:
 def _document(fdp: atheris.FuzzedDataProvider) -> dict[str, Any]:
     doc: dict[str, Any] = {"proxy": {"url": fdp.PickValueInList(URLS)}}
     for _ in range(fdp.ConsumeIntInRange(0, 8)):
-        path = fdp.PickValueInList(KEYS)
-        node = doc
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[path[-1]] = _value(fdp)
+        set_at(doc, fdp.PickValueInList(KEYS), _value(fdp))
     return doc
 
 

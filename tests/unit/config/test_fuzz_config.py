@@ -12,26 +12,15 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
 
+from tests.support.config_cases import model_keys, set_at
 from tun2socks.config import ConfigError, Settings, hide_url_password, load_settings
 
 PASSWORD = "pw-Zq8xK2mV"
 URL = f"socks5://alice:{PASSWORD}@127.0.0.1:1080"
 
 
-def _leaf_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    keys: list[tuple[str, ...]] = []
-    for name, info in model.model_fields.items():
-        sub = info.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys += _leaf_keys(sub, (*prefix, name))
-        else:
-            keys.append((*prefix, name))
-    return keys
-
-
-LEAF_KEYS = _leaf_keys(Settings)
+LEAF_KEYS = model_keys(Settings, leaves_only=True)
 
 
 def _load(tmp_path: Path, document: object) -> str | None:
@@ -90,13 +79,7 @@ documents = st.lists(st.tuples(st.sampled_from(LEAF_KEYS), values), max_size=6).
 def _merge(items: list[tuple[tuple[str, ...], object]]) -> dict[str, Any]:
     document: dict[str, Any] = {"proxy": {"url": URL}}
     for path, value in items:
-        node = document
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[path[-1]] = value
+        set_at(document, path, value)
     return document
 
 
