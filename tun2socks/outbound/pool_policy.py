@@ -10,11 +10,12 @@ proxy nobody uses none at all. Sessions are only ever opened right after a flow 
 pool holds off for ``OPEN_HOLD_OFF_S`` so that a proxy that is down is not asked twice per
 flow; the flows themselves still dial it and report why it fails.
 
-A ready session saves one round trip to the proxy per flow and costs a second login message,
-a watched socket and a task (about 0.1-0.2 ms of CPU per flow here). For a proxy on the same
-host or LAN that is a loss: measured on the bench's local danted, 500 sequential connections
-ran at 430 req/s without the pool and 372 with it, and 2,000 connections 100 at a time lost
-10-15%. So the pool only works for a proxy that is at least ``min_round_trip`` away: every
+A ready session saves a flow the connect and login to the proxy, and costs a second login
+message, a watched socket, a task and a timer. For a proxy on the same host or LAN the saving
+is small and the cost is not: on the bench's local danted (A/B in one bed, pool forced on
+against off, interleaved) a new connection's time to connect was 0.1-1 ms shorter with it
+when idle, but 2,000 connections 100 at a time ran 4-15% slower by run, at 4-10% more CPU.
+So the pool only works for a proxy that is at least ``min_round_trip`` away: every
 login reports its round trip (greeting out, method selection in: ``round_trip_seen``), and the
 smallest since the last change of network (``forget_round_trips``, on each path change)
 decides. The smallest, because queues only ever add to a round trip, and under load they add
