@@ -80,6 +80,7 @@ class DeviceStats:
     packets_out: int = 0
     bytes_out: int = 0
     write_queue_drops: int = 0
+    packets_to_writer: int = 0  # handed to the writer thread (tun.write_thread)
     read_errors: int = 0
     write_errors: int = 0
 
@@ -121,7 +122,7 @@ class TunDevice:
         addresses: Sequence[IPv4Interface | IPv6Interface],
         offload: bool,
         txqueuelen: int | None = None,
-        write_thread: bool = True,
+        write_thread: bool = False,
     ) -> TunDevice:
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
             raise DeviceError(f"invalid device name {name!r} (1 to {IFNAMSIZ - 1} characters)")
@@ -148,7 +149,7 @@ class TunDevice:
         )
 
     @classmethod
-    def from_fd(cls, fd: int, *, mtu: int, offload: bool, write_thread: bool = True) -> TunDevice:
+    def from_fd(cls, fd: int, *, mtu: int, offload: bool, write_thread: bool = False) -> TunDevice:
         """A TUN that a parent process opened and handed over as descriptor `fd`.
 
         Needs no privilege: the parent has configured the device (addresses, MTU, link up);
@@ -263,6 +264,7 @@ class TunDevice:
                 packets = list(packets)
             if not writer.idle or sum(map(len, packets)) > INLINE_WRITE_BYTES:
                 taken = writer.submit(packets)
+                self.stats.packets_to_writer += len(taken)
                 self.stats.write_queue_drops += len(packets) - len(taken)
                 if (tap := self.tap) is not None:  # here, on the loop's thread, when queued
                     for packet in taken:

@@ -3,6 +3,7 @@ and an HTTP server in the server namespace (see bed.py). Every client call has a
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import re
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import apiclient, httpserver
 from tests.integration import bed as bedlib
-from tests.integration import httpserver
 
 pytestmark = [
     pytest.mark.integration,
@@ -76,6 +77,20 @@ def test_download_100_mib_sha256(
     bed: bedlib.Bed, tun2socks: bedlib.Tun2socks, tmp_path: Path
 ) -> None:
     download_and_check(bed, URL, 100 * MIB, tmp_path / "download.bin")
+
+
+def test_download_with_the_tun_writer_thread_sha256_and_four_at_once(
+    bed: bedlib.Bed, start_tun2socks: bedlib.StartTun2socks, tmp_path: Path
+) -> None:
+    # tun.write_thread (off by default): large writes go through tun_writer.py's thread, whose
+    # FIFO must keep every flow's order while four downloads share it.
+    start_tun2socks(extra={"tun": {"write_thread": True}})
+    jobs = [(40 * MIB + n, tmp_path / f"download-{n}.bin") for n in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        for done in [pool.submit(download_and_check, bed, URL, *job) for job in jobs]:
+            done.result()
+    tun = apiclient.get_json(bed, "/stats")["tun"]
+    assert tun["packets_to_writer"] > 100, tun  # the thread wrote the downloads
 
 
 def test_one_gib_each_way_sha256(

@@ -76,6 +76,7 @@ class TunConfig(BaseModel):
     mtu: int = Field(default=1500, ge=68, le=65535, strict=True)
     offload: bool = Field(default=True, strict=True)
     txqueuelen: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
+    write_thread: bool = Field(default=False, strict=True)  # large TUN writes on a thread
 
     @field_validator("name")
     @classmethod

@@ -107,9 +107,12 @@ class Host:
                 addresses=list(tun.addresses),
                 offload=tun.offload,
                 txqueuelen=tun.txqueuelen,
+                write_thread=tun.write_thread,
             )
         else:
-            self.device = TunDevice.from_fd(tun.fd, mtu=tun.mtu, offload=tun.offload)
+            self.device = TunDevice.from_fd(
+                tun.fd, mtu=tun.mtu, offload=tun.offload, write_thread=tun.write_thread
+            )
             self._lock(self.device.name)
         return self.device
 
