@@ -175,5 +175,10 @@ def test_dnsperf_full_rate_against_dnsmasq_closing_tcp_after_100_queries(
     stopping = next(ln for ln in reversed(log.splitlines()) if "dns forwarder stopping" in ln)
     stats = {k: int(v) for k, v in re.findall(r" (\w+)=(\d+)", stopping)}
     assert closed >= 20, (closed, summary)
-    assert stats["tcp_server_closes"] == stats["tcp_reconnects"] == closed, (stats, closed)
+    assert stats["tcp_server_closes"] == stats["tcp_reconnects"], stats
+    # The capture from outside agrees within 15%: under full load tshark misses FINs (CI saw
+    # 281 of 293, 293 being exactly 29,301 queries / 100); a close tun2socks failed to notice
+    # or a reconnect too many would show as a larger gap (the gap's other causes: note).
+    gap = abs(stats["tcp_server_closes"] - closed)
+    assert gap <= 0.15 * stats["tcp_server_closes"], (stats, closed)
     assert stats["servfail"] == 0 and stats["upstream_failures"] == 0, stats
