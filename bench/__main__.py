@@ -5,7 +5,9 @@ row's measurements for both labels, one after the other (ceiling first), so that
 same machine. The memory row runs last on a freshly started tun2socks; `--profile` then samples
 it with py-spy. Writes bench/results/<date>.json and a PNG chart, prints the table, and (for a
 complete run of the shipped defaults or of `--mtu 1500 --no-offload`) rewrites that table's
-section of bench/README.md. Every step is bounded; the bed is removed on exit, even on Ctrl-C.
+section of bench/README.md. `--against REV` measures no ceiling: this tree's tun2socks against
+REV's, in pairs (bench/compare.py). Every step is bounded; the bed is removed on exit, even on
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,13 @@ from typing import Any
 from tests.integration import bed as bedlib
 from tun2socks.config import TunConfig
 
-from . import chart, memory, profile, report, rows, srvproc, targets, timeline
+from . import chart, compare, memory, profile, report, rows, srvproc, targets, timeline
 from .rows import LABEL_CEILING, LABEL_TUN, LABELS, MEASUREMENTS, ROW_IDS, Runner
 
 REPO = Path(__file__).resolve().parent.parent
 TOTAL_BUDGET_S = 540.0  # measurements; bed setup and teardown fit in the rest of 10 minutes
+COMPARE_BUDGET_PER_ROUND_S = 600.0  # --against: a round of the default rows takes about 3 min
+COMPARE_SECTION = "against"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rows",
-        default=",".join(ROW_IDS),
-        help=f"comma-separated rows to measure, or 'none' (default: all of {','.join(ROW_IDS)})",
+        help=f"comma-separated rows to measure, or 'none' (default: all of {','.join(ROW_IDS)};"
+        f" with --against: {','.join(compare.DEFAULT_ROWS)})",
     )
     parser.add_argument("--iperf-secs", type=int, default=8, help="seconds per iperf3 test")
     parser.add_argument(
@@ -66,11 +71,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="warning", help="tun2socks log level")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="no ceiling: measure this tree's tun2socks against git revision REV's, in pairs"
+        " (bench/compare.py)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="pairs per measurement with --against"
+    )
     args = parser.parse_args(argv)
+    choices = compare.COMPARABLE_ROWS if args.against else ROW_IDS
+    if args.rows is None:
+        args.rows = ",".join(compare.DEFAULT_ROWS if args.against else ROW_IDS)
     selected = [] if args.rows == "none" else [r.strip() for r in args.rows.split(",") if r]
-    unknown = set(selected) - set(ROW_IDS)
+    unknown = set(selected) - set(choices)
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROW_IDS)}")
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(choices)}")
+    if args.against and (args.profile or args.timeline or args.rounds < 1):
+        parser.error("--against takes --rows and --rounds (at least 1), not --profile/--timeline")
     args.selected = [r for r in ROW_IDS if r in selected]  # always in the table's order
     if args.section and not report.has_section(args.section):
         parser.error(f"bench/README.md has no section {args.section!r} (its markers)")
@@ -99,13 +118,17 @@ def tun2socks_extra(args: argparse.Namespace, proxy_port: int | None = None) -> 
 
 
 def start_tun2socks(
-    bed: bedlib.Bed, args: argparse.Namespace, log_name: str, proxy_port: int | None = None
+    bed: bedlib.Bed,
+    args: argparse.Namespace,
+    log_name: str,
+    proxy_port: int | None = None,
+    tree: Path = REPO,
 ) -> str | None:
-    """Start a fresh tun2socks and send one GET through it; an error text, or None."""
+    """Start a fresh tun2socks (of `tree`) and send one GET through it; an error text, or None."""
     extra = tun2socks_extra(args, proxy_port)
     url = f"http://{bedlib.TARGET_IP}:{bedlib.HTTP_PORT}/small"
     try:
-        bed.start_tun2socks(bed.workdir / log_name, extra=extra)
+        bed.start_tun2socks(bed.workdir / log_name, extra=extra, tree=tree)
         probe = bed.run_cli(["curl", "-sS", "--max-time", "5", url], timeout=15)
         if probe.returncode != 0:
             raise bedlib.BedError(f"probe GET through the TUN failed: {probe.stderr.strip()}")
@@ -298,6 +321,42 @@ def publish(run: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"results: {path}")
 
 
+def measure_against(args: argparse.Namespace, run: dict[str, Any], workdir: Path) -> None:
+    """`--against REV`: pairs of this tree and REV, no ceiling (bench/compare.py)."""
+    with tempfile.TemporaryDirectory(prefix="bench-against-") as exported:
+        before_tree = Path(exported)
+        run["against"] = args.against
+        run["before_commit"] = compare.export_tree(REPO, args.against, before_tree)
+        run["rounds"] = args.rounds
+        print(f"bench: {run['commit']} against {args.against} ({run['before_commit']})")
+        with bedlib.Bed(workdir, mtu=run["mtu"], iperf=True) as bed:
+            budget = COMPARE_BUDGET_PER_ROUND_S * args.rounds
+            runner = Runner(bed, rows.RunnerSettings(args.iperf_secs, time.monotonic() + budget))
+            paired = compare.PairedRunner(
+                {compare.SIDE_BEFORE: before_tree, compare.SIDE_AFTER: REPO},
+                start=lambda tree: start_tun2socks(bed, args, "tun2socks.log", tree=tree),
+                measure=lambda name: runner.measure(name, LABEL_TUN),
+                stop=lambda: stop_tun2socks(bed, run),
+                settle_s=rows.SETTLE_S,
+            )
+            try:
+                pairs = paired.run(args.selected, args.rounds)
+            finally:
+                bed.stop_tun2socks()
+    run["pairs"] = compare.as_json(pairs)
+    summaries = [compare.summarize(name, ps) for name, ps in pairs.items()]
+    run["summaries"] = [
+        {"measurement": s.measurement, "ratio": s.ratio, "holds": s.holds} for s in summaries
+    ]
+    table = compare.markdown(run, summaries)
+    print(table)
+    path = report.write_json(run)
+    if not args.no_readme:
+        report.replace_section(COMPARE_SECTION, table)
+        print(f"bench/README.md: section {COMPARE_SECTION} rewritten")
+    print(f"results: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = bedlib.missing_requirements(iperf=True, proxychains=True)
@@ -332,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.monotonic()
     workdir = REPO / "test-artifacts" / f"bench-{stamp}"
+    if args.against:
+        run["file"] = f"{stamp}-against.json"
+        measure_against(args, run, workdir)
+        print(f"bed logs: {workdir}; {round(time.monotonic() - started, 1)} s")
+        return 0
     print(f"bench: rows {','.join(args.selected) or 'none'}, MTU {mtu}, offload {offload}")
     with bedlib.Bed(workdir, mtu=mtu, iperf=True) as bed:
         measure_all(bed, args, run)

@@ -113,16 +113,18 @@ _NS_SYSCTLS = (
 )
 
 
-def python_command() -> list[str]:
-    """Python with the working tree's packages first on its path (never an installed copy),
-    ready to prefix with `ip netns exec` or setpriv: `env` passes the source paths through."""
-    pythonpath = f"{REPO}:{REPO / 'dns'}"
-    return ["env", f"PYTHONPATH={pythonpath}", sys.executable]
+def python_command(tree: Path = REPO) -> list[str]:
+    """Python with the working tree's packages (or another `tree` holding `tun2socks/` and
+    `dns/`) first on its path, never an installed copy; ready to prefix with `ip netns exec` or
+    setpriv: `env` passes the source paths through. `-P`: the current directory does not go
+    first on the path (`-m` would put it there), so `tree` is what runs wherever we are."""
+    pythonpath = f"{tree}:{tree / 'dns'}"
+    return ["env", f"PYTHONPATH={pythonpath}", sys.executable, "-P"]
 
 
-def tun2socks_command() -> list[str]:
-    """The working tree's tun2socks."""
-    return [*python_command(), "-m", "tun2socks"]
+def tun2socks_command(tree: Path = REPO) -> list[str]:
+    """The working tree's tun2socks (or that of `tree`: the bench's `--against` revision)."""
+    return [*python_command(tree), "-m", "tun2socks"]
 
 
 def helper_command(module: str) -> list[str]:
@@ -424,11 +426,12 @@ class Bed:
         extra: Mapping[str, Any] | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
         routes: bool = True,
+        tree: Path = REPO,
     ) -> Tun2socks:
         """Start tun2socks in the client namespace (stopping any previous one), wait for its TUN,
         then route everything but the proxy into it. `password` defaults to the right one.
         With routes=False the bed adds no route: tun2socks sets its own (route.auto), and it is
-        ready once it logs that it runs."""
+        ready once it logs that it runs. `tree`: whose code runs (the bench compares two)."""
         self.stop_tun2socks()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         config_path = log_path.with_suffix(".yaml")
@@ -437,7 +440,7 @@ class Bed:
         env[PASSWORD_ENV] = self.socks_password if password is None else password
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [*self.cli_prefix(), *tun2socks_command(), "run", "-c", str(config_path)],
+                [*self.cli_prefix(), *tun2socks_command(tree), "run", "-c", str(config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
