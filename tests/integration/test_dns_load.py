@@ -51,8 +51,8 @@ class ServerCloses:
 
     def __init__(self, bed: bedlib.Bed, path: Path) -> None:
         self.path = path
-        ends = "tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0"
-        bpf = f"host {bedlib.TARGET_IP} and tcp port 53 and {ends}"
+        marks = "tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0"
+        bpf = f"host {bedlib.TARGET_IP} and tcp port 53 and {marks}"
         self.proc = subprocess.Popen(
             [
                 "ip",
@@ -89,7 +89,7 @@ class ServerCloses:
                 self.proc.wait(5)
 
     def connections_closed(self) -> int:
-        """Stop; how many connections the server ended (each counted once: by client port)."""
+        """Stop; how many connections the server ended (count_server_ends)."""
         self.stop()
         fields = ["-T", "fields", "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "tcp.flags"]
         rows = bedlib.run(["tshark", "-n", "-r", str(self.path), *fields], timeout=60).stdout
