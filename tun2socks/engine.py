@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from tun2socks.net.events import (
     SendSpaceAvailable,
 )
 from tun2socks.outbound.dialer import (
-    FIRST_DATA_OFFER,
     Dialer,
     DialError,
     FirstDataOffer,
@@ -261,10 +259,7 @@ class Engine:
             self._transmit()
             offer = FirstDataOffer()
         try:
-            if offer is None:
-                sock = await self._dialer.dial(flow)
-            else:
-                sock = await self._dial_offering(flow, offer)
+            sock = await self._dialer.dial(flow, offer=offer)
         except (Socks5Error, DialError) as exc:
             self._refuse(relay, str(exc), exc.kind, early)
             return
@@ -302,17 +297,6 @@ class Engine:
             log.debug("%s: connected through %s", relay.describe(), self.proxy_address)
         relay.pump_to_upstream()  # the client's data sent meanwhile (or from the SYN cache)
         self._transmit()
-
-    async def _dial_offering(self, flow: FlowRequested, offer: FirstDataOffer) -> socket.socket:
-        """The dial of an early-accepted flow, which may answer with a pooled session whose
-        CONNECT reply is still due (`offer.pending`). The offer is withdrawn as soon as the
-        dial returns: callbacks scheduled from here on (flushes that open new flows, the
-        transport's) inherit this task's context, and no other dial may see it."""
-        token = FIRST_DATA_OFFER.set(offer)
-        try:
-            return await self._dialer.dial(flow)
-        finally:
-            FIRST_DATA_OFFER.reset(token)
 
     def reply_arrived(self, relay: Relay) -> None:
         """A pipelined flow's CONNECT succeeded (pending_connect.py); its upstream is the

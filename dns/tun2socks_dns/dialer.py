@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Protocol
 
-from tun2socks.outbound.dialer import DialError, HostDialer
+from tun2socks.outbound.dialer import DialError, FirstDataOffer, HostDialer
 
 if TYPE_CHECKING:
     from tun2socks.net.events import DatagramReceived, FlowRequested
@@ -43,7 +43,9 @@ class DnsDialer:
         self.inner = inner
         self.forwarder = forwarder
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         if flow.dst_port == DNS_PORT:
             return self.forwarder.open_stream(flow.dst)
         resolver = self.forwarder.resolver
@@ -51,8 +53,8 @@ class DnsDialer:
             name = resolver.domain_for(flow.dst, self.forwarder.loop.time())
             if name is None:
                 raise DialError(f"fake address {flow.dst} stands for no name (expired)")
-            return await self.inner.dial_host(name, flow.dst_port)
-        return await self.inner.dial(flow)
+            return await self.inner.dial_host(name, flow.dst_port, offer=offer)
+        return await self.inner.dial(flow, offer=offer)
 
 
 class FakeAddressGuard:

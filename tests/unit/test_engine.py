@@ -27,7 +27,7 @@ from tun2socks.net.stack import Stack, StackConfig
 from tun2socks.net.tcp import ACK, PSH, RST, SYN, TcpSegment
 from tun2socks.net.udp import UdpDatagram
 from tun2socks.observe import snapshot
-from tun2socks.outbound.dialer import DialError
+from tun2socks.outbound.dialer import DialError, FirstDataOffer
 from tun2socks.outbound.known_destinations import KnownDestinations
 from tun2socks.outbound.socks5 import (
     Socks5AuthFailed,
@@ -67,7 +67,9 @@ class FailingDialer:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         raise self.error
 
 
@@ -187,7 +189,9 @@ class HeldDialer:
     def __init__(self) -> None:
         self.pending: list[asyncio.Future[socket.socket]] = []
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         future: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
         self.pending.append(future)
         return await future

@@ -1,5 +1,5 @@
 """The client's first data right behind the CONNECT (``proxy.early_accept`` on a ready pooled
-session): the engine with a dialer that answers under ``FIRST_DATA_OFFER`` with a socket pair
+session): the engine with a dialer that answers a dial with an offer with a socket pair
 whose far end plays the proxy, on a real event loop (``test_engine.py``'s device and helpers).
 
 What is checked: the client's data goes to the proxy before any reply; the reply (RFC 1928
@@ -27,7 +27,7 @@ from tests.unit.test_engine import (
 from tun2socks.engine import Collaborators, Engine
 from tun2socks.net.events import FlowRequested
 from tun2socks.net.tcp import ACK, RST, SYN, TcpSegment
-from tun2socks.outbound.dialer import FIRST_DATA_OFFER, PendingConnect
+from tun2socks.outbound.dialer import FirstDataOffer, PendingConnect
 from tun2socks.outbound.known_destinations import KnownDestinations
 from tun2socks.outbound.socks5_wire import ReplyCode, build_reply
 
@@ -47,12 +47,13 @@ class OfferingDialer:
         self.sessions_lost = 0
         self.reply_timeout = reply_timeout
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         ours, far = socket.socketpair()
         ours.setblocking(False)
         far.settimeout(2.0)
         self.fars.append(far)
-        offer = FIRST_DATA_OFFER.get()
         self.offered.append(offer is not None)
         if offer is not None:
             target = f"{flow.dst}:{flow.dst_port}"

@@ -4,20 +4,19 @@ The engine asks a dialer for a connected socket for each new flow, and answers t
 client's SYN with SYN-ACK if it gets one, or RST if the dialer raises.  Other ways out
 (direct sockets, rules, DNS interception) are dialers too, wrapping this one.
 
-The client's first data right behind the CONNECT (``proxy.early_accept``): around the dial of
-a flow it has already accepted, the engine sets ``FIRST_DATA_OFFER`` to a ``FirstDataOffer``. A
-``Socks5Dialer`` that then takes a ready pooled session of a proxy known to take pipelined
-messages sends the CONNECT and returns the session at once, its reply still due, and says so
-in the offer (``PendingConnect``); the engine reads the reply in front of the relay
-(``tun2socks/pending_connect.py``). A context variable, because the dialers that wrap this
-one (loop guard, DNS, rules, failover) pass the flow through unchanged and need not know.
+The client's first data right behind the CONNECT (``proxy.early_accept``): the dial of a flow
+the engine has already accepted carries a ``FirstDataOffer``. A ``Socks5Dialer`` that then
+takes a ready pooled session of a proxy known to take pipelined messages sends the CONNECT and
+returns the session at once, its reply still due, and says so in the offer
+(``PendingConnect``); the engine reads the reply in front of the relay
+(``tun2socks/pending_connect.py``). The dialers that wrap this one (loop guard, rules,
+failover) pass the offer on; a direct connection has no reply to wait for and ignores it.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
@@ -58,18 +57,26 @@ class FirstDataOffer:
         self.pending: PendingConnect | None = None
 
 
-FIRST_DATA_OFFER: ContextVar[FirstDataOffer | None] = ContextVar("first_data_offer", default=None)
-
-
 class Dialer(Protocol):
-    async def dial(self, flow: FlowRequested) -> socket.socket:
-        """A connected non-blocking socket for `flow`; raises DialError, Socks5Error or OSError."""
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
+        """A connected non-blocking socket for `flow`; raises DialError, Socks5Error or OSError.
+        With an `offer`, the socket may be one whose CONNECT reply is still due (the module
+        doc); the dialer then sets `offer.pending`."""
         ...
 
 
 class HostDialer(Dialer, Protocol):
-    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
-        """A connected socket to `host` (an address, or a name the proxy resolves) and `port`."""
+    async def dial_host(
+        self,
+        host: str | IPv4Address | IPv6Address,
+        port: int,
+        *,
+        offer: FirstDataOffer | None = None,
+    ) -> socket.socket:
+        """A connected socket to `host` (an address, or a name the proxy resolves) and `port`;
+        `offer` as for `dial`."""
         ...
 
 
@@ -82,7 +89,7 @@ class Socks5Dialer:
     to (SOCKS5 only); a session found dead is dropped and the flow dialed afresh, unseen by
     the client. ``fast_open``: TCP Fast Open to the proxy on fresh connections.
 
-    Under a ``FIRST_DATA_OFFER`` (the module doc), a pooled session of a proxy whose pipelining
+    With a ``FirstDataOffer`` (the module doc), a pooled session of a proxy whose pipelining
     is known to work gets the CONNECT and is returned before its reply; one that fails to
     take the request is dropped and the flow dialed afresh. A fresh connection always does
     the whole handshake first.
@@ -105,10 +112,18 @@ class Socks5Dialer:
         self.pool = pool
         self.fast_open = fast_open
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
-        return await self.dial_host(flow.dst, flow.dst_port)
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
+        return await self.dial_host(flow.dst, flow.dst_port, offer=offer)
 
-    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+    async def dial_host(
+        self,
+        host: str | IPv4Address | IPv6Address,
+        port: int,
+        *,
+        offer: FirstDataOffer | None = None,
+    ) -> socket.socket:
         """A connection to `host` (an address, or a name the proxy resolves) and `port`."""
         if self.proxy.scheme == "http":
             return await http_connect.connect(
@@ -119,7 +134,6 @@ class Socks5Dialer:
         try:
             session = self.pool.take()
             if session is not None:
-                offer = FIRST_DATA_OFFER.get()
                 if offer is not None and offer.pending is None and self.pipeline.supported:
                     if self._send_connect(session, host, port, offer):
                         return session

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from tun2socks.net.events import FlowRequested
-from tun2socks.outbound.dialer import DialError, Socks5Dialer
+from tun2socks.outbound.dialer import DialError, FirstDataOffer, Socks5Dialer
 from tun2socks.outbound.socks5 import ProxyEndpoint, SocketHook, format_host_port
 
 # linux/asm-generic/socket.h; the socket module has them on Linux with recent Pythons only.
@@ -122,10 +122,19 @@ class DirectDialer:
         self.protect = protect
         self.connecting: set[Connecting] = set()  # unprotected sockets still connecting
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
+        # A direct connection is ready when connected: no reply for an offer to skip.
         return await self._open(flow.dst, flow.dst_port)
 
-    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+    async def dial_host(
+        self,
+        host: str | IPv4Address | IPv6Address,
+        port: int,
+        *,
+        offer: FirstDataOffer | None = None,
+    ) -> socket.socket:
         """To an address, or to a name resolved here (each of its addresses in turn)."""
         if not isinstance(host, str):
             return await self._open(host, port)
@@ -166,7 +175,9 @@ class BypassDialer(Socks5Dialer):
         super().__init__(proxy, timeout=timeout, prepare_socket=prepare_socket)
         self.direct = DirectDialer(timeout=timeout, protect=prepare_socket)
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         # Without route.mark / route.bind_interface our own socket may be routed into the TUN
         # (route.auto refuses that; routes made by hand may do it): it arrives as a new flow
         # from the port it is connecting from, and dialing it again would loop until the
@@ -178,5 +189,11 @@ class BypassDialer(Socks5Dialer):
             )
         return await self.direct.dial(flow)
 
-    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+    async def dial_host(
+        self,
+        host: str | IPv4Address | IPv6Address,
+        port: int,
+        *,
+        offer: FirstDataOffer | None = None,
+    ) -> socket.socket:
         return await self.direct.dial_host(host, port)

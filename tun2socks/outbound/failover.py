@@ -38,7 +38,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from tun2socks.net.events import FlowRequested
 from tun2socks.outbound import socks5
-from tun2socks.outbound.dialer import Socks5Dialer
+from tun2socks.outbound.dialer import FirstDataOffer, Socks5Dialer
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,18 @@ class FailoverDialer(Socks5Dialer):
     def stats(self) -> dict[str, int]:
         return self.state.stats()
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
-        return await self.dial_host(flow.dst, flow.dst_port)
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
+        return await self.dial_host(flow.dst, flow.dst_port, offer=offer)
 
-    async def dial_host(self, host: str | IPv4Address | IPv6Address, port: int) -> socket.socket:
+    async def dial_host(
+        self,
+        host: str | IPv4Address | IPv6Address,
+        port: int,
+        *,
+        offer: FirstDataOffer | None = None,
+    ) -> socket.socket:
         order = self.state.order()
         last_error: Exception | None = None
         for position, index in enumerate(order):
@@ -175,7 +183,7 @@ class FailoverDialer(Socks5Dialer):
             if position < len(order) - 1:
                 wait = min(wait, ATTEMPT_TIMEOUT_S)
             try:
-                sock = await asyncio.wait_for(dialer.dial_host(host, port), wait)
+                sock = await asyncio.wait_for(dialer.dial_host(host, port, offer=offer), wait)
             except socks5.Socks5ReplyError:
                 self._worked(index)  # the proxy answered: the destination is the problem
                 raise

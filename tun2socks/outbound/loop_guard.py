@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from tun2socks.net.events import FlowRequested
-from tun2socks.outbound.dialer import Dialer, DialError
+from tun2socks.outbound.dialer import Dialer, DialError, FirstDataOffer
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -39,13 +39,15 @@ class LoopGuard:
             except ValueError:
                 self.names.add((host, port))  # a name: its addresses when a flow comes
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         if (flow.dst, flow.dst_port) in self.endpoints or await self._named(flow):
             raise DialError(
                 f"refused: a connection to the proxy {flow.dst} entered the TUN (a routing "
                 "loop while the network changes)"
             )
-        return await self.inner.dial(flow)
+        return await self.inner.dial(flow, offer=offer)
 
     async def _named(self, flow: FlowRequested) -> bool:
         """Whether the flow goes to a proxy given by name (only flows to a proxy's port ask)."""

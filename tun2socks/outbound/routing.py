@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tun2socks.net.events import FlowRequested
 from tun2socks.outbound import socks5
-from tun2socks.outbound.dialer import Dialer, DialError, Socks5Dialer
+from tun2socks.outbound.dialer import Dialer, DialError, FirstDataOffer, Socks5Dialer
 from tun2socks.outbound.direct import BypassDialer, DirectDialer
 from tun2socks.outbound.failover import FailoverDialer
 from tun2socks.outbound.loop_guard import LoopGuard
@@ -57,16 +57,20 @@ class RuleDialer:
         domain = self.domain_lookup(dst) if self.rules.uses_domains else None
         return self.rules.decide(dst, port, protocol, domain)
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         decision = self.decide(flow.dst, flow.dst_port)
         log.debug("flow %d to %s: %s", flow.flow_id, _target(flow.dst, flow.dst_port), decision)
         if decision.action is Action.BLOCK:
             raise DialError(f"blocked by rule {decision.rule}")
         if decision.action is Action.DIRECT:
             return await self.direct.dial(flow)
-        return await self._proxy(decision).dial(flow)
+        return await self._proxy(decision).dial(flow, offer=offer)
 
-    async def dial_host(self, host: str | IPAddress, port: int) -> socket.socket:
+    async def dial_host(
+        self, host: str | IPAddress, port: int, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         """A connection to an address or a name (matched against the domain patterns)."""
         address: IPAddress | None = None
         if isinstance(host, str):
@@ -83,7 +87,7 @@ class RuleDialer:
             raise DialError(f"blocked by rule {decision.rule}")
         if decision.action is Action.DIRECT:
             return await self.direct.dial_host(host, port)
-        return await self._proxy(decision).dial_host(host, port)
+        return await self._proxy(decision).dial_host(host, port, offer=offer)
 
     def _proxy(self, decision: Decision) -> Socks5Dialer:
         return self.default if decision.proxy is None else self.proxies[decision.proxy]

@@ -12,16 +12,20 @@ from ipaddress import ip_address
 import pytest
 
 from tun2socks.net.events import FlowRequested
-from tun2socks.outbound.dialer import DialError
+from tun2socks.outbound.dialer import DialError, FirstDataOffer
 from tun2socks.outbound.loop_guard import LoopGuard
 
 
 class Passed:
     def __init__(self) -> None:
         self.flows: list[FlowRequested] = []
+        self.offers: list[FirstDataOffer | None] = []
 
-    async def dial(self, flow: FlowRequested) -> socket.socket:
+    async def dial(
+        self, flow: FlowRequested, *, offer: FirstDataOffer | None = None
+    ) -> socket.socket:
         self.flows.append(flow)
+        self.offers.append(offer)
         return socket.socket()
 
 
@@ -47,6 +51,20 @@ def test_a_flow_to_a_proxy_given_by_address_is_refused_others_pass() -> None:
         ("203.0.113.7", 443),
         ("203.0.113.8", 1080),
     ]
+
+
+def test_the_first_data_offer_is_passed_on_with_the_flow() -> None:
+    # proxy.early_accept: the engine's offer must reach the SOCKS5 dialer behind the guard.
+    inner = Passed()
+    guard = LoopGuard(inner, [("203.0.113.7", 1080)])
+    offer = FirstDataOffer()
+
+    async def main() -> None:
+        (await guard.dial(flow("203.0.113.8", 80), offer=offer)).close()
+        (await guard.dial(flow("203.0.113.8", 81))).close()
+
+    asyncio.run(main())
+    assert inner.offers == [offer, None]
 
 
 def test_a_flow_to_a_proxy_given_by_name_is_refused_by_the_names_addresses() -> None:
