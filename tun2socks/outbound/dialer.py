@@ -9,8 +9,8 @@ the engine has already accepted carries a ``FirstDataOffer``. A ``Socks5Dialer``
 takes a ready pooled session of a proxy known to take pipelined messages sends the CONNECT and
 returns the session at once, its reply still due, and says so in the offer
 (``PendingConnect``); the engine reads the reply in front of the relay
-(``tun2socks/pending_connect.py``). The dialers that wrap this one (loop guard, rules,
-failover) pass the offer on; a direct connection has no reply to wait for and ignores it.
+(``tun2socks/pending_connect.py``). The dialers that wrap this one (loop guard, DNS,
+rules, failover) pass the offer on; a direct connection has no reply to wait for and ignores it.
 """
 
 from __future__ import annotations
