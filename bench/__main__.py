@@ -339,10 +339,7 @@ def measure_against(args: argparse.Namespace, run: dict[str, Any], workdir: Path
                 stop=lambda: stop_tun2socks(bed, run),
                 settle_s=rows.SETTLE_S,
             )
-            try:
-                pairs = paired.run(args.selected, args.rounds)
-            finally:
-                bed.stop_tun2socks()
+            pairs = paired.run(args.selected, args.rounds)  # each side stops its tun2socks
     run["pairs"] = compare.as_json(pairs)
     summaries = [compare.summarize(name, ps) for name, ps in pairs.items()]
     run["summaries"] = [
